@@ -1,0 +1,307 @@
+"""Checkpoints that survive crashes at any moment, and load without executing code.
+
+Layout of a run directory:
+
+    RUN/checkpoints/step_00001000/     one complete checkpoint (the state *before* step 1000)
+        model.safetensors              unwrapped weights (tied head stored once)
+        train_state.pt                 optimizer, grad scaler, data loader positions
+        rng_rank00000.pt ...           Python, NumPy, torch CPU and CUDA RNG of every rank
+        meta.json                      format version, step, config, file sizes and sha256
+    RUN/checkpoints/latest             name of the newest complete checkpoint, written last
+
+A checkpoint is assembled in `step_XXXXXXXX.tmp/`, every file flushed to disk, then the
+directory is renamed into place: a crash at any moment leaves either no new checkpoint or a
+complete one, and the previous ones untouched. Loading uses safetensors and
+`torch.load(weights_only=True)`, so a checkpoint file can never run code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from model import GPT, GPTConfig
+
+FORMAT_VERSION = 1
+CKPT_DIR_RE = re.compile(r"^step_(\d{8})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or is unusable; the message says which and why."""
+
+
+# ---- small file helpers ----
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on directories; the rename is still atomic
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+# ---- what a checkpoint holds ----
+
+
+def model_state_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Weights without `module.` / `_orig_mod.` prefixes, the tied head stored once."""
+    sd = unwrap_model(model).state_dict()
+    return {k: v.detach().contiguous().cpu() for k, v in sd.items() if k != "lm_head.weight"}
+
+
+def unwrap_model(model: torch.nn.Module) -> GPT:
+    """The GPT inside DDP and/or torch.compile wrappers."""
+    while True:
+        if hasattr(model, "module"):  # DDP
+            model = model.module
+        elif hasattr(model, "_orig_mod"):  # torch.compile
+            model = model._orig_mod
+        else:
+            return model
+
+
+def capture_rng_state() -> dict:
+    np_state = np.random.get_state(legacy=False)
+    state = {
+        "python": random.getstate(),
+        # NumPy's state holds an ndarray, which weights_only loading refuses: store a list
+        "numpy": {"bit_generator": np_state["bit_generator"], "key": np_state["state"]["key"].tolist(),
+                  "pos": int(np_state["state"]["pos"]), "has_gauss": np_state["has_gauss"],
+                  "gauss": float(np_state["gauss"])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state({"bit_generator": n["bit_generator"],
+                         "state": {"key": np.array(n["key"], dtype=np.uint32), "pos": n["pos"]},
+                         "has_gauss": n["has_gauss"], "gauss": n["gauss"]})
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# ---- saving ----
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    meta: dict
+
+    @property
+    def step(self) -> int:
+        return self.meta["step"]
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def save_checkpoint(
+    run_dir: Path, step: int, model: torch.nn.Module, train_state: dict, meta: dict,
+    rank: int = 0, world_size: int = 1, barrier=lambda: None,
+) -> Path:
+    """Write the checkpoint holding the state before `step`. Every rank calls this (each
+    saves its RNG state); rank 0 writes the rest and publishes it. Raises CheckpointError on
+    any failure, leaving earlier checkpoints as they were."""
+    ckpt_root = Path(run_dir) / "checkpoints"
+    final = ckpt_root / checkpoint_name(step)
+    tmp = ckpt_root / (checkpoint_name(step) + ".tmp")
+    failed = False
+    try:
+        if rank == 0:
+            ckpt_root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)  # left by a save that crashed half-way
+            tmp.mkdir()
+    except OSError as e:
+        failed = e
+    barrier()
+    try:
+        torch.save(capture_rng_state(), tmp / f"rng_rank{rank:05d}.pt")
+        _fsync_file(tmp / f"rng_rank{rank:05d}.pt")
+    except OSError as e:
+        failed = failed or e
+    barrier()
+    if rank == 0 and not failed:
+        try:
+            save_file(model_state_for_saving(model), str(tmp / "model.safetensors"))
+            torch.save(train_state, tmp / "train_state.pt")
+            files = {}
+            for p in sorted(tmp.iterdir()):
+                _fsync_file(p)
+                files[p.name] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+            full_meta = {**meta, "format_version": FORMAT_VERSION, "step": step, "world_size": world_size,
+                         "model_config": unwrap_model(model).config.to_dict(), "files": files}
+            write_text_atomic(tmp / "meta.json", json.dumps(full_meta, indent=2))
+            if final.exists():  # a checkpoint of the same step from an earlier attempt
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(ckpt_root)
+            write_text_atomic(ckpt_root / "latest", final.name + "\n")
+        except OSError as e:
+            failed = e
+            shutil.rmtree(tmp, ignore_errors=True)
+    barrier()
+    if failed:
+        raise CheckpointError(
+            f"could not write checkpoint {final} ({failed}). The training state in memory is intact and "
+            f"earlier checkpoints in {ckpt_root} are untouched. HINT: free disk space or fix the "
+            f"permissions of {ckpt_root}."
+        )
+    return final
+
+
+def prune_checkpoints(run_dir: Path, keep_last: int, keep_every: int) -> list[Path]:
+    """Delete complete checkpoints other than the newest `keep_last` and every `keep_every`-th step."""
+    ckpts = list_checkpoint_dirs(run_dir)
+    keep = set(ckpts[:keep_last]) if keep_last > 0 else set(ckpts)
+    removed = []
+    for path in ckpts:
+        step = int(CKPT_DIR_RE.match(path.name).group(1))
+        if path in keep or (keep_every > 0 and step % keep_every == 0):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+# ---- finding and loading ----
+
+
+def list_checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """Complete-looking checkpoint directories, newest first (no .tmp leftovers)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and CKPT_DIR_RE.match(p.name)]
+    return sorted(found, key=lambda p: p.name, reverse=True)
+
+
+def verify_checkpoint(path: Path) -> dict:
+    """Meta of a checkpoint after checking every listed file's size and sha256."""
+    path = Path(path)
+    meta_path = path / "meta.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{meta_path}: unreadable ({e})") from e
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint format version {meta.get('format_version')}, this code reads {FORMAT_VERSION}"
+        )
+    for name, info in meta.get("files", {}).items():
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing")
+        if f.stat().st_size != info["bytes"]:
+            raise CheckpointError(f"{f}: {f.stat().st_size} bytes, expected {info['bytes']} (truncated?)")
+        if _sha256(f) != info["sha256"]:
+            raise CheckpointError(f"{f}: sha256 does not match meta.json (corrupt)")
+    return meta
+
+
+def find_checkpoint(run_dir: Path, warn=print) -> Checkpoint | None:
+    """Newest checkpoint of a run that passes verification; broken ones are skipped with a warning."""
+    for path in list_checkpoint_dirs(run_dir):
+        try:
+            return Checkpoint(path, verify_checkpoint(path))
+        except CheckpointError as e:
+            warn(f"WARNING: skipping checkpoint {path}: {e}")
+    return None
+
+
+def resolve_checkpoint(path: str | Path, warn=print) -> Checkpoint:
+    """A checkpoint directory, or a run directory (its newest usable checkpoint)."""
+    path = Path(path)
+    if (path / "meta.json").is_file() and CKPT_DIR_RE.match(path.name):
+        return Checkpoint(path, verify_checkpoint(path))
+    ckpt = find_checkpoint(path, warn=warn)
+    if ckpt is None:
+        raise CheckpointError(f"no usable checkpoint in {path}")
+    return ckpt
+
+
+def is_checkpoint_path(path: str | Path) -> bool:
+    """True for one of our checkpoint directories or a run directory holding some."""
+    path = Path(path)
+    return (path / "meta.json").is_file() and CKPT_DIR_RE.match(path.name) is not None or bool(
+        list_checkpoint_dirs(path)
+    )
+
+
+def load_model_weights(ckpt: Checkpoint, model: GPT) -> None:
+    expected = model.config.to_dict()
+    saved = ckpt.meta["model_config"]
+    diffs = [f"{k}: checkpoint {saved.get(k)!r}, this run {expected[k]!r}"
+             for k in ("vocab_size", "pad_vocab_to", "n_layer", "n_head", "n_embd", "block_size", "bias")
+             if saved.get(k) != expected[k]]
+    if diffs:
+        raise CheckpointError(f"{ckpt.path} was made for another model shape: " + "; ".join(diffs))
+    sd = load_file(str(ckpt.path / "model.safetensors"))
+    sd["lm_head.weight"] = sd["transformer.wte.weight"]
+    model.load_state_dict(sd)
+
+
+def load_train_state(ckpt: Checkpoint) -> dict:
+    return torch.load(ckpt.path / "train_state.pt", map_location="cpu", weights_only=True)
+
+
+def load_rng_state(ckpt: Checkpoint, rank: int) -> dict | None:
+    path = ckpt.path / f"rng_rank{rank:05d}.pt"
+    if not path.is_file():
+        return None  # resumed on more ranks than saved
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> GPT:
+    """Our GPT from a checkpoint directory or a run directory (newest usable checkpoint)."""
+    ckpt = resolve_checkpoint(path)
+    model = GPT(GPTConfig.from_dict(ckpt.meta["model_config"]))
+    load_model_weights(ckpt, model)
+    return model.to(device)

@@ -1,0 +1,462 @@
+"""HellaSwag, completion style: does the model give the right ending the highest probability?
+
+Each item is a context and four candidate endings. Every ending is appended to the context after
+a space (its tokens are `encode(" " + ending)`) and scored by the model's loss on the ending
+tokens alone; the context only conditions. Two accuracies:
+
+- acc:      the ending with the highest summed log-probability (lowest summed loss);
+- acc_norm: the ending with the lowest mean loss per ending token, so that an ending does not
+            win merely by being short.
+
+This is the scoring of the original GPT-2 reproduction; on the official validation split it
+gives GPT-2 124M acc 0.2859 / acc_norm 0.2955 and GPT-2 XL 0.3842 / 0.4893.
+
+Fast because the four endings of many items share one forward pass: rows are sorted by length,
+padded to a multiple of SEQ_MULTIPLE (few distinct shapes, so a compiled model rarely
+recompiles), and the losses stay on the device until one copy at the end. Under torchrun each
+rank scores items rank::world_size and the integer counts are summed, so the split is exact.
+
+    python hellaswag.py --model_type gpt2 --device cuda
+    torchrun --nproc_per_node 8 hellaswag.py --checkpoint runs/gpt2-124m --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+HELLASWAG_VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
+HELLASWAG_VAL_EXAMPLES = 10042
+NUM_ENDINGS = 4
+SEQ_MULTIPLE = 32  # batch lengths are rounded up to this: HellaSwag then needs at most 5 shapes
+
+
+# ---- data ----
+
+
+def cache_dir() -> Path:
+    """Where the official split is kept: $HELLASWAG_CACHE_DIR, else <XDG cache>/gpt2-trainer/hellaswag."""
+    if os.environ.get("HELLASWAG_CACHE_DIR"):
+        return Path(os.environ["HELLASWAG_CACHE_DIR"])
+    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(xdg) / "gpt2-trainer" / "hellaswag"
+
+
+def _check_item(item: dict, where: str) -> dict:
+    ctx, endings, label = item.get("ctx"), item.get("endings"), item.get("label")
+    if not isinstance(ctx, str) or not ctx:
+        raise ValueError(f"{where}: 'ctx' must be a non-empty string")
+    if not isinstance(endings, list) or len(endings) != NUM_ENDINGS or not all(isinstance(e, str) for e in endings):
+        raise ValueError(f"{where}: 'endings' must be a list of {NUM_ENDINGS} strings")
+    # the official file stores the label as an int; some exports store "0".."3"
+    if isinstance(label, str) and label.isdigit():
+        label = int(label)
+    if not isinstance(label, int) or not 0 <= label < NUM_ENDINGS:
+        raise ValueError(f"{where}: 'label' must be an integer in [0, {NUM_ENDINGS})")
+    return {"ctx": ctx, "endings": endings, "label": label}
+
+
+def read_examples(path: str | Path) -> list[dict]:
+    """Items of a HellaSwag JSONL file (only `ctx`, `endings`, `label` are read), checked line by line."""
+    examples = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{line_no}: not a JSON object ({e})") from e
+            examples.append(_check_item(item, f"{path}:{line_no}"))
+    return examples
+
+
+def download_validation(dest: Path, url: str = HELLASWAG_VAL_URL, expected: int = HELLASWAG_VAL_EXAMPLES) -> Path:
+    """Download the validation split to dest. It is written to a temporary name beside dest and
+    renamed only once all `expected` items have parsed, so an interrupted or truncated download
+    never leaves a file at dest."""
+    import requests
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    tmp = Path(tmp_name)
+    print(f"downloading {url} -> {dest}")
+    try:
+        with os.fdopen(fd, "wb") as f, requests.get(url, stream=True, timeout=60) as resp:
+            resp.raise_for_status()
+            for chunk in resp.iter_content(chunk_size=1 << 20):
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        got = len(read_examples(tmp))
+        if got != expected:
+            raise ValueError(f"downloaded {got} items, expected {expected}")
+        os.replace(tmp, dest)
+    except Exception as e:
+        tmp.unlink(missing_ok=True)
+        raise RuntimeError(
+            f"could not download the HellaSwag validation split ({type(e).__name__}: {e}).\n"
+            f"HINT: download {url} on a machine with network and either pass it with --data-file "
+            f"or copy it to {dest}"
+        ) from e
+    except BaseException:  # Ctrl-C: still no partial file, and no wrapping
+        tmp.unlink(missing_ok=True)
+        raise
+    return dest
+
+
+def load_examples(data_file: str | Path | None = None, limit: int | None = None) -> list[dict]:
+    """HellaSwag items from data_file, or from the official validation split (downloaded once and
+    cached, see cache_dir()) when data_file is None. limit keeps the first `limit` items."""
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    if data_file is not None:
+        examples = read_examples(data_file)
+    else:
+        path = cache_dir() / "hellaswag_val.jsonl"
+        examples = None
+        if path.is_file():
+            try:
+                examples = read_examples(path)
+            except ValueError:
+                pass
+            if examples is None or len(examples) != HELLASWAG_VAL_EXAMPLES:
+                # only a complete, checked download is ever renamed to this name: someone changed it
+                print(f"{path} is not the {HELLASWAG_VAL_EXAMPLES}-item validation split; downloading it again")
+                examples = None
+        if examples is None:
+            examples = read_examples(download_validation(path))
+    if not examples:
+        raise ValueError(f"no HellaSwag items in {data_file}")
+    return examples[:limit] if limit is not None else examples
+
+
+# ---- rendering ----
+
+
+@lru_cache(maxsize=1)
+def _gpt2_tokenizer():
+    from tokenizer import get_tokenizer
+
+    return get_tokenizer("gpt2")
+
+
+def fit_to_window(ctx: list[int], ending: list[int], max_len: int) -> tuple[list[int], int]:
+    """ctx + ending cut to at most max_len tokens, and the index where the ending starts.
+
+    Tokens are dropped from the left of the context: the ending is what is scored, and the end
+    of the context is what it depends on most. (HellaSwag items are under 150 GPT-2 tokens, so
+    this only happens for models with a short block_size.) An ending that alone fills the window
+    keeps its first max_len - 1 tokens after the last context token.
+    """
+    if len(ctx) + len(ending) <= max_len:
+        return ctx + ending, len(ctx)
+    ending = ending[: max_len - 1]
+    ctx = ctx[-(max_len - len(ending)) :]
+    return ctx + ending, len(ctx)
+
+
+def render_rows(example: dict, tokenizer, block_size: int) -> tuple[list[list[int]], list[int]]:
+    """The four rows of an item (context + ending tokens) and where each ending starts."""
+    ctx = tokenizer.encode(example["ctx"])
+    rows, starts = [], []
+    for ending in example["endings"]:
+        row, start = fit_to_window(ctx, tokenizer.encode(" " + ending), block_size)
+        if start < 1:
+            raise ValueError(f"context {example['ctx']!r} has no tokens: the first ending token would go unscored")
+        rows.append(row)
+        starts.append(start)
+    return rows, starts
+
+
+def render_example(example: dict, tokenizer=None, block_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(tokens, mask, label): tokens (4, L) with the rows right-padded with 0, mask (4, L) 1 on
+    ending tokens and 0 on context and padding. The layout of the original script."""
+    rows, starts = render_rows(example, tokenizer or _gpt2_tokenizer(), block_size)
+    L = max(len(r) for r in rows)
+    tokens = torch.zeros(NUM_ENDINGS, L, dtype=torch.long)
+    mask = torch.zeros(NUM_ENDINGS, L, dtype=torch.long)
+    for i, (row, start) in enumerate(zip(rows, starts, strict=True)):
+        tokens[i, : len(row)] = torch.tensor(row)
+        mask[i, start : len(row)] = 1
+    return tokens, mask, example["label"]
+
+
+# ---- batched evaluation ----
+
+
+def _gpt_config(model: torch.nn.Module):
+    """The GPTConfig of our GPT, also through torch.compile's wrapper (which forwards attributes)."""
+    config = getattr(model, "config", None)
+    if config is None:
+        raise TypeError(f"expected our GPT (or a torch.compile'd GPT), got {type(model).__name__}")
+    return config
+
+
+def _make_batches(
+    rows: list[list[int]], starts: list[int], rows_per_batch: int, block_size: int, pin: bool
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor, int]], list[int]]:
+    """(idx, targets, n_real_rows) batches on the host, and the row order they follow.
+
+    Longest rows first, so a batch that does not fit in memory fails at once. Every batch has
+    rows_per_batch rows (the last is filled with empty rows) and a length rounded up to
+    SEQ_MULTIPLE: a compiled model then sees only a handful of shapes. Targets are -1 except on
+    ending tokens, so the model's per-token loss is the ending's loss and 0 elsewhere.
+    """
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+    batches = []
+    for first in range(0, len(order), rows_per_batch):
+        ids = order[first : first + rows_per_batch]
+        T = min(-(-(len(rows[ids[0]]) - 1) // SEQ_MULTIPLE) * SEQ_MULTIPLE, block_size)
+        idx = torch.zeros(rows_per_batch, T, dtype=torch.long)
+        targets = torch.full((rows_per_batch, T), -1, dtype=torch.long)
+        for j, i in enumerate(ids):
+            row, n = torch.tensor(rows[i]), len(rows[i]) - 1
+            idx[j, :n] = row[:-1]
+            targets[j, starts[i] - 1 : n] = row[starts[i] :]
+        if pin:  # page-locked memory lets the copy to the GPU run without blocking the host
+            idx, targets = idx.pin_memory(), targets.pin_memory()
+        batches.append((idx, targets, len(ids)))
+    return batches, order
+
+
+def score_rows(
+    model: torch.nn.Module,
+    rows: list[list[int]],
+    starts: list[int],
+    device: str | torch.device,
+    rows_per_batch: int,
+    autocast_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Summed loss of each row's ending tokens, as a CPU float32 tensor in the order of rows."""
+    device = torch.device(device)
+    batches, order = _make_batches(
+        rows, starts, rows_per_batch, _gpt_config(model).block_size, pin=device.type == "cuda"
+    )
+    sums = []
+    with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        for idx, targets, n in batches:
+            idx, targets = idx.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+            _, loss = model(idx, targets, reduction="none")
+            sums.append(loss[:n].float().sum(dim=1))
+    by_order = torch.cat(sums).cpu() if sums else torch.zeros(0)  # the one device-to-host copy
+    result = torch.empty(len(rows))
+    result[torch.tensor(order, dtype=torch.long)] = by_order
+    return result
+
+
+def _unwrap_ddp(model: torch.nn.Module) -> torch.nn.Module:
+    # DDP's forward may broadcast buffers, a collective; ranks here run different numbers of batches
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def evaluate(
+    model: torch.nn.Module,
+    examples: list[dict],
+    device: str | torch.device,
+    batch_size: int = 32,
+    rank: int = 0,
+    world_size: int = 1,
+    autocast_dtype: torch.dtype | None = None,
+    tokenizer=None,
+) -> dict:
+    """{"acc", "acc_norm", "num_examples"} of model on examples, batch_size items per forward pass.
+
+    With world_size > 1 (torch.distributed initialised) every rank must pass the same examples:
+    rank r scores items r::world_size and the integer counts are summed over ranks. The split
+    and the batch size change only which items share a forward pass, never the counting; the
+    scores themselves can differ in the last bits with the batch shape, which matters only for
+    endings whose losses tie to rounding. tokenizer defaults to GPT-2's; it needs only `encode`.
+    The model is put in eval mode and returned to the mode it was in.
+    """
+    if not examples:
+        raise ValueError("no examples to evaluate")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+    model = _unwrap_ddp(model)
+    config = _gpt_config(model)
+    tokenizer = tokenizer or _gpt2_tokenizer()
+    if getattr(tokenizer, "vocab_size", 0) > config.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids, the model only {config.vocab_size}")
+
+    local = examples[rank::world_size]
+    rows, starts = [], []
+    for example in local:
+        r, s = render_rows(example, tokenizer, config.block_size)
+        rows += r
+        starts += s
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            sums = score_rows(model, rows, starts, device, NUM_ENDINGS * batch_size, autocast_dtype)
+    finally:
+        model.train(was_training)
+
+    sums = sums.view(-1, NUM_ENDINGS)
+    n_tokens = torch.tensor([len(r) - s for r, s in zip(rows, starts, strict=True)], dtype=torch.float32)
+    labels = torch.tensor([e["label"] for e in local], dtype=torch.long)
+    # argmin takes the first of equal values, so an exact tie goes to the lower ending index
+    pred = sums.argmin(dim=1)
+    pred_norm = (sums / n_tokens.view(-1, NUM_ENDINGS)).argmin(dim=1)
+    counts = torch.tensor([(pred == labels).sum(), (pred_norm == labels).sum(), len(local)], dtype=torch.long)
+    if world_size > 1:
+        counts = counts.to(device)
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+    correct, correct_norm, n = counts.tolist()
+    return {"acc": correct / n, "acc_norm": correct_norm / n, "num_examples": n}
+
+
+# ---- reference: one item per forward pass ----
+
+
+def evaluate_one_at_a_time(
+    model: torch.nn.Module,
+    examples: list[dict],
+    device: str | torch.device,
+    autocast_dtype: torch.dtype | None = None,
+    tokenizer=None,
+) -> dict:
+    """The loop of the original script: one item's four rows per forward pass and a host sync
+    per item. The baseline of bench_hellaswag.py and an independent check in the tests."""
+    device = torch.device(device)
+    model = _unwrap_ddp(model)
+    block_size = _gpt_config(model).block_size
+    tokenizer = tokenizer or _gpt2_tokenizer()
+    correct = correct_norm = 0
+    was_training = model.training
+    model.eval()
+    try:
+        with (
+            torch.no_grad(),
+            torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None),
+        ):
+            for example in examples:
+                tokens, mask, label = render_example(example, tokenizer, block_size)
+                tokens, mask = tokens.to(device), mask.to(device)
+                targets = tokens[:, 1:].masked_fill(mask[:, 1:] == 0, -1)
+                _, loss = model(tokens[:, :-1].contiguous(), targets, reduction="none")
+                sums = loss.float().sum(dim=1)
+                correct += int(sums.argmin().item() == label)
+                correct_norm += int((sums / mask[:, 1:].sum(dim=1)).argmin().item() == label)
+    finally:
+        model.train(was_training)
+    n = len(examples)
+    return {"acc": correct / n, "acc_norm": correct_norm / n, "num_examples": n}
+
+
+# ---- command line ----
+
+
+def setup_distributed(device: str) -> tuple[int, int, torch.device]:
+    """(rank, world_size, device) from torchrun's environment; one process without it."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return 0, 1, torch.device(device)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
+    return rank, world_size, dev
+
+
+def teardown_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    source = p.add_mutually_exclusive_group()
+    source.add_argument(
+        "--model_type", "--model-type", dest="model_type", default=None,
+        help="gpt2, gpt2-medium, gpt2-large, gpt2-xl (Hugging Face hub) or a local Hugging Face "
+        "GPT-2 directory; loaded into this project's GPT (default: gpt2)",
+    )
+    source.add_argument(
+        "--checkpoint", default=None,
+        help="one of this project's checkpoints: a checkpoint directory, or a run directory (its latest checkpoint)",
+    )
+    p.add_argument("--device", default=None, help="cuda, cpu, mps, ... (default: cuda if available, else cpu)")
+    p.add_argument(
+        "--data-file", default=None,
+        help="a local HellaSwag JSONL (needs ctx, endings, label) instead of the downloaded validation split",
+    )
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N items")
+    p.add_argument("--batch-size", type=int, default=32, help="items per forward pass (each is 4 rows)")
+    p.add_argument(
+        "--dtype", choices=["float32", "bfloat16"], default="float32",
+        help="float32 reproduces published figures; bfloat16 autocast is several times faster on GPUs",
+    )
+    p.add_argument("--compile", action="store_true", help="torch.compile the model first (pays off on the full split)")
+    p.add_argument("--json", action="store_true", help="print one JSON object: acc, acc_norm, num_examples")
+    args = p.parse_args(argv)
+    if args.model_type is None and args.checkpoint is None:
+        args.model_type = "gpt2"
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    return args
+
+
+def _load_model(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
+    if args.checkpoint is not None:
+        from checkpoint import load_model
+
+        model = load_model(args.checkpoint, device=str(device))
+    else:
+        from model import GPT
+
+        model = GPT.from_pretrained(args.model_type)
+    return model.to(device)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    rank, world_size, device = setup_distributed(args.device)
+    try:
+        model = _load_model(args, device)
+        if args.compile:
+            model = torch.compile(model)
+        # rank 0 downloads the split (if needed) before the others read the cached copy
+        if rank == 0:
+            examples = load_examples(args.data_file, args.limit)
+        if world_size > 1:
+            dist.barrier()
+        if rank != 0:
+            examples = load_examples(args.data_file, args.limit)
+        dtype = torch.bfloat16 if args.dtype == "bfloat16" else None
+        t0 = time.perf_counter()
+        result = evaluate(model, examples, device, args.batch_size, rank, world_size, autocast_dtype=dtype)
+        elapsed = time.perf_counter() - t0
+        if rank == 0:
+            if args.json:
+                print(json.dumps(result))
+            else:
+                name = args.checkpoint or args.model_type
+                print(
+                    f"hellaswag {name}: {result['num_examples']} items, acc {result['acc']:.4f}, "
+                    f"acc_norm {result['acc_norm']:.4f} ({elapsed:.1f} s, "
+                    f"{result['num_examples'] / elapsed:.0f} items/s)"
+                )
+        return result
+    finally:
+        teardown_distributed()
+
+
+if __name__ == "__main__":
+    main()

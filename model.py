@@ -1,0 +1,333 @@
+"""GPT-2 in one file: config, blocks, init, sampling, and Hugging Face import/export.
+
+This module knows nothing of files' layout on disk beyond the Hugging Face format, nor of
+ranks or schedules: it can be imported into a notebook and used alone.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+# ---- configuration ----
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # longest sequence the position table covers
+    vocab_size: int = 50257  # real tokens; logits for ids >= vocab_size are never used
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # GPT-2 has biases in Linear and LayerNorm layers
+    pad_vocab_to: int = 1  # round the embedding table up to a multiple of this (64: 50257 -> 50304)
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "pad_vocab_to"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"GPTConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return math.ceil(self.vocab_size / self.pad_vocab_to) * self.pad_vocab_to
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GPTConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+PRESETS: dict[str, dict] = {
+    # The four OpenAI GPT-2 sizes (parameter counts with the tied head counted once).
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+    # Small enough to train for a few minutes on a laptop CPU.
+    "tiny": dict(n_layer=4, n_head=4, n_embd=128, block_size=256),
+    "mini": dict(n_layer=6, n_head=6, n_embd=384, block_size=256),
+}
+
+
+def config_from_preset(name: str, **overrides) -> GPTConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return GPTConfig(**{**PRESETS[name], **overrides})
+
+
+# ---- the network ----
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+        # one matmul for q, k and v of every head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj.residual_scale_init = True
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        # SDPA picks flash / memory-efficient / cuDNN kernels where the device has them
+        y = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+        )
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj.residual_scale_init = True
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # GPT-2 used the tanh approximation of GELU; exact GELU would change pretrained outputs
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        # weight tying: the output projection is the token embedding (saves 38M params at 124M)
+        self.transformer.wte.weight = self.lm_head.weight
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            std = 0.02
+            if getattr(module, "residual_scale_init", False):
+                # each block adds to the residual stream twice (attn and mlp), so scale the
+                # projections into it by 1/sqrt(2 * n_layer) to keep its variance from growing
+                std *= (2 * self.config.n_layer) ** -0.5
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean"
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx (B, T) token ids -> (logits, loss).
+
+        With targets: logits for every position (B, T, V) and the cross-entropy loss, a scalar
+        for reduction="mean" or per token (B, T) for reduction="none"; targets of -1 are
+        ignored. Without targets: logits of the last position only (B, 1, V), which is all
+        sampling needs and skips the largest matmul for the other T - 1 positions.
+        V is the real vocabulary: padded ids are cut off, so they can never be sampled.
+        """
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
+        pos = torch.arange(T, dtype=torch.long, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for block in self.transformer.h:
+            x = block(x)
+        x = self.transformer.ln_f(x)
+
+        V = self.config.vocab_size
+        if targets is None:
+            return self.lm_head(x[:, [-1], :])[..., :V], None
+        logits = self.lm_head(x)
+        if self.config.padded_vocab_size != V:
+            # padded ids are not tokens: keep them out of the softmax so they never get probability
+            logits[..., V:] = float("-inf")
+        loss = F.cross_entropy(
+            logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction=reduction
+        )
+        if reduction == "none":
+            loss = loss.view(B, T)
+        return logits[..., :V], loss
+
+    # ---- accounting ----
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameters, the tied head counted once. non_embedding=True leaves out the position
+        table (and counts the token table, which is also the output layer), as is usual for
+        scaling laws and for FLOPs."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6N + 12·L·H·Q·T.
+
+        6N: forward (2N) and backward (4N) matmul FLOPs of the N non-embedding parameters
+        (the tied token table is counted because it is the output layer's matmul).
+        12·L·H·Q·T: attention scores and weighted sum (QK^T and AV, 2 matmuls of 2·T·Q FLOPs
+        each per head and layer, times 3 for forward and backward), H heads of size Q.
+        For GPT-2 124M at T=1024 this is 0.855 GFLOP/token (a padded vocabulary adds 0.03%).
+        """
+        cfg = self.config
+        head_dim = cfg.n_embd // cfg.n_head
+        return 6 * self.num_params(non_embedding=True) + 12 * cfg.n_layer * cfg.n_head * head_dim * seq_len
+
+    # ---- optimisation ----
+
+    def configure_optimizers(
+        self, weight_decay: float, learning_rate: float, betas: tuple[float, float] = (0.9, 0.95),
+        device_type: str = "cpu", eps: float = 1e-8,
+    ) -> torch.optim.AdamW:
+        """AdamW with decay on matrices and embeddings (>= 2-D) only; biases and LayerNorm
+        gains are left alone, as decaying them only hurts. Fused kernel on CUDA."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=device_type == "cuda")
+
+    # ---- sampling ----
+
+    @torch.no_grad()
+    def generate(
+        self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Append max_new_tokens sampled tokens to idx (B, T). Reproducible with a seeded generator
+        (on the model's device). temperature 0 means greedy."""
+        for _ in range(max_new_tokens):
+            context = idx[:, -self.config.block_size :]
+            logits, _ = self(context)
+            logits = logits[:, -1, :].float()
+            if temperature == 0:
+                next_id = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                probs = F.softmax(logits, dim=-1)
+                next_id = torch.multinomial(probs, num_samples=1, generator=generator)
+            idx = torch.cat((idx, next_id), dim=1)
+        return idx
+
+    # ---- Hugging Face import and export ----
+
+    # HF's GPT-2 uses Conv1D layers, whose weights are stored transposed relative to nn.Linear
+    _HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, pad_vocab_to: int = 1, dropout: float = 0.0) -> GPT:
+        """OpenAI GPT-2 weights ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl") from the
+        Hugging Face hub, or a local directory saved with `save_pretrained` / `export_hf`."""
+        from transformers import GPT2LMHeadModel
+
+        hf = GPT2LMHeadModel.from_pretrained(name_or_path)
+        hc = hf.config
+        config = GPTConfig(
+            block_size=hc.n_positions, vocab_size=hc.vocab_size, n_layer=hc.n_layer, n_head=hc.n_head,
+            n_embd=hc.n_embd, dropout=dropout, bias=True, pad_vocab_to=pad_vocab_to,
+        )
+        if getattr(hc, "activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise ValueError(f"{name_or_path}: activation {hc.activation_function!r} is not GPT-2's tanh GELU")
+        model = cls(config)
+        model.load_hf_state_dict(hf.state_dict())
+        return model
+
+    def load_hf_state_dict(self, hf_sd: dict[str, torch.Tensor]) -> None:
+        sd = self.state_dict()
+        V = self.config.vocab_size
+        hf_sd = {k: v for k, v in hf_sd.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+        ours = [k for k in sd if k != "lm_head.weight"]  # tied to wte
+        missing = [k for k in ours if k not in hf_sd]
+        if missing:
+            raise ValueError(f"Hugging Face state dict lacks {missing[:5]}{'...' if len(missing) > 5 else ''}")
+        with torch.no_grad():
+            for k in ours:
+                src = hf_sd[k]
+                if k.endswith(self._HF_TRANSPOSED):
+                    src = src.t()
+                if k == "transformer.wte.weight":
+                    sd[k][:V].copy_(src)
+                    sd[k][V:].zero_()  # padded rows: never an input, masked out as outputs
+                elif sd[k].shape != src.shape:
+                    raise ValueError(f"{k}: shape {tuple(src.shape)} in the file, {tuple(sd[k].shape)} in the model")
+                else:
+                    sd[k].copy_(src)
+
+    def export_hf(self, out_dir: str | Path) -> Path:
+        """Write config.json + model.safetensors that `GPT2LMHeadModel.from_pretrained` loads.
+        Padded vocabulary rows are dropped."""
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        cfg = self.config
+        if not cfg.bias:
+            raise ValueError("Hugging Face GPT-2 has biases everywhere; a bias=False model cannot be exported")
+        hc = GPT2Config(
+            vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
+            n_head=cfg.n_head, activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+            # GPT-2's end-of-text id, where the vocabulary is GPT-2's
+            bos_token_id=50256 if cfg.vocab_size > 50256 else None,
+            eos_token_id=50256 if cfg.vocab_size > 50256 else None,
+        )
+        hf = GPT2LMHeadModel(hc)
+        hf_sd = {}
+        for k, v in self.state_dict().items():
+            if k == "lm_head.weight":
+                continue
+            v = v.detach().float().cpu()
+            if k == "transformer.wte.weight":
+                v = v[: cfg.vocab_size]
+            if k.endswith(self._HF_TRANSPOSED):
+                v = v.t()
+            hf_sd[k] = v.contiguous()
+        result = hf.load_state_dict(hf_sd, strict=False)
+        unexpected_missing = [k for k in result.missing_keys if k != "lm_head.weight" and not k.endswith("attn.bias")]
+        if unexpected_missing or result.unexpected_keys:
+            raise RuntimeError(f"export mismatch: missing {unexpected_missing}, unexpected {result.unexpected_keys}")
+        hf.tie_weights()
+        out = Path(out_dir)
+        hf.save_pretrained(out, safe_serialization=True)
+        (out / "gpt2_trainer_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        return out

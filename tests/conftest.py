@@ -1,0 +1,37 @@
+"""Shared test fixtures. Tests never touch the network; the real corpora in ../shared/data
+are used when present and the tests that need them skip otherwise."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = ROOT.parent / "shared" / "data"
+sys.path.insert(0, str(ROOT))  # the scripts are top-level modules
+
+requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def shared_file(relative: str) -> Path:
+    """A file under ../shared/data, or a clean skip where that folder is absent."""
+    path = SHARED_DATA / relative
+    if not path.exists():
+        pytest.skip(f"{relative} not found in ../shared/data (only present on development machines)")
+    return path
+
+
+@pytest.fixture
+def hf_gpt2_dir(tmp_path):
+    """A small random Hugging Face GPT2LMHeadModel saved to a directory."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=4)
+    model = GPT2LMHeadModel(config).eval()
+    out = tmp_path / "hf_tiny_gpt2"
+    model.save_pretrained(out)
+    return out

@@ -1,0 +1,165 @@
+import math
+
+import pytest
+import torch
+from conftest import requires_gpu
+
+from model import GPT, PRESETS, GPTConfig, config_from_preset
+
+
+def tiny(**overrides) -> GPT:
+    torch.manual_seed(0)
+    return GPT(config_from_preset("tiny", **overrides))
+
+
+def test_presets_have_gpt2_parameter_counts():
+    # counted on the meta device: no memory for 1.5B parameters is needed
+    expected = {"gpt2": 124_439_808, "gpt2-medium": 354_823_168, "gpt2-large": 774_030_080, "gpt2-xl": 1_557_611_200}
+    for name, count in expected.items():
+        with torch.device("meta"):
+            model = GPT(config_from_preset(name))
+        assert model.num_params(non_embedding=False) == count, name
+
+
+def test_flops_per_token_matches_formula_for_124m():
+    with torch.device("meta"):
+        model = GPT(config_from_preset("gpt2"))
+    n = model.num_params(non_embedding=True)
+    assert model.flops_per_token(1024) == 6 * n + 12 * 12 * 12 * 64 * 1024
+    assert model.flops_per_token(1024) == pytest.approx(0.855e9, rel=1e-3)
+
+
+def test_lm_head_is_tied_to_token_embedding():
+    model = tiny()
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+
+
+def test_gpt2_init_scales_residual_projections():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=8, n_head=4, n_embd=256, vocab_size=1000, block_size=64))
+    std_proj = model.transformer.h[0].attn.c_proj.weight.std().item()
+    std_fc = model.transformer.h[0].mlp.c_fc.weight.std().item()
+    assert std_fc == pytest.approx(0.02, rel=0.05)
+    assert std_proj == pytest.approx(0.02 / math.sqrt(2 * 8), rel=0.05)
+
+
+def test_initial_loss_is_near_log_vocab():
+    model = tiny()
+    idx, targets = torch.randint(0, 50257, (2, 4, 64))  # targets unlike inputs: tied weights favour the input id
+    _, loss = model(idx, targets)
+    assert abs(loss.item() - math.log(50257)) < 0.1
+
+
+def test_forward_shapes_and_last_position_logits():
+    model = tiny(pad_vocab_to=64).eval()
+    idx = torch.randint(0, 50257, (2, 16))
+    logits, loss = model(idx, idx)
+    assert logits.shape == (2, 16, 50257) and loss.dim() == 0
+    last, none = model(idx)
+    assert none is None and last.shape == (2, 1, 50257)
+    torch.testing.assert_close(last[:, 0], logits[:, -1])
+    per_token, token_losses = model(idx, idx, reduction="none")
+    assert token_losses.shape == (2, 16)
+    torch.testing.assert_close(token_losses.mean(), loss)
+
+
+def test_padded_vocab_never_gets_probability():
+    model = tiny(pad_vocab_to=64)
+    assert model.config.padded_vocab_size == 50304
+    with torch.no_grad():  # make the padded rows the most attractive outputs
+        model.transformer.wte.weight[50257:] = 10.0
+    idx = torch.randint(0, 50257, (2, 8))
+    logits, loss = model(idx, idx)
+    assert logits.shape[-1] == 50257 and torch.isfinite(loss)
+    out = model.generate(idx, 20, top_k=None, generator=torch.Generator().manual_seed(0))
+    assert out.max().item() < 50257
+
+
+def test_ignore_index_targets_do_not_count():
+    model = tiny()
+    idx = torch.randint(0, 50257, (1, 8))
+    targets = idx.clone()
+    targets[0, 4:] = -1
+    _, loss_masked = model(idx, targets)
+    _, per_token = model(idx, idx, reduction="none")
+    torch.testing.assert_close(loss_masked, per_token[0, :4].mean())
+
+
+def test_generate_is_reproducible_with_a_seed():
+    model = tiny().eval()
+    idx = torch.zeros((2, 1), dtype=torch.long)
+    a = model.generate(idx, 10, top_k=50, generator=torch.Generator().manual_seed(42))
+    b = model.generate(idx, 10, top_k=50, generator=torch.Generator().manual_seed(42))
+    c = model.generate(idx, 10, top_k=50, generator=torch.Generator().manual_seed(43))
+    assert a.shape == (2, 11) and torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_top_k_one_is_greedy():
+    model = tiny().eval()
+    idx = torch.randint(0, 50257, (1, 4))
+    sampled = model.generate(idx, 5, top_k=1, generator=torch.Generator().manual_seed(1))
+    greedy = model.generate(idx, 5, temperature=0)
+    assert torch.equal(sampled, greedy)
+
+
+def test_configure_optimizers_decays_only_matrices():
+    model = tiny()
+    opt = model.configure_optimizers(weight_decay=0.1, learning_rate=1e-3)
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and all(p.dim() >= 2 for p in decay["params"])
+    assert no_decay["weight_decay"] == 0.0 and all(p.dim() < 2 for p in no_decay["params"])
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == model.num_params(non_embedding=False)
+
+
+def test_bad_config_is_rejected():
+    with pytest.raises(ValueError, match="divisible"):
+        GPTConfig(n_embd=100, n_head=3)
+    with pytest.raises(ValueError, match="unknown model preset"):
+        config_from_preset("gpt5")
+    assert set(PRESETS) >= {"gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "tiny"}
+
+
+def test_sequence_longer_than_block_size_is_an_error():
+    model = tiny()
+    with pytest.raises(ValueError, match="block_size"):
+        model(torch.zeros((1, 257), dtype=torch.long))
+
+
+def test_from_pretrained_matches_transformers_logits(hf_gpt2_dir):
+    from transformers import GPT2LMHeadModel
+
+    hf = GPT2LMHeadModel.from_pretrained(hf_gpt2_dir).eval()
+    ours = GPT.from_pretrained(str(hf_gpt2_dir)).eval()
+    padded = GPT.from_pretrained(str(hf_gpt2_dir), pad_vocab_to=64).eval()
+    idx = torch.randint(0, 50257, (3, 40))
+    with torch.no_grad():
+        ref = hf(idx).logits
+        assert (ours(idx, idx)[0] - ref).abs().max().item() < 1e-5
+        assert (padded(idx, idx)[0] - ref).abs().max().item() < 1e-5
+
+
+def test_export_round_trip_through_transformers(tmp_path):
+    from transformers import GPT2LMHeadModel
+
+    model = tiny(pad_vocab_to=64).eval()
+    out = model.export_hf(tmp_path / "export")
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+    hf = GPT2LMHeadModel.from_pretrained(out).eval()
+    assert hf.transformer.wte.weight.shape[0] == 50257  # padding is not exported
+    idx = torch.randint(0, 50257, (2, 32))
+    with torch.no_grad():
+        assert (hf(idx).logits - model(idx, idx)[0]).abs().max().item() < 1e-5
+    back = GPT.from_pretrained(str(out)).eval()
+    with torch.no_grad():
+        assert (back(idx, idx)[0] - model(idx, idx)[0]).abs().max().item() < 1e-5
+
+
+@requires_gpu
+def test_bf16_autocast_forward_backward_on_gpu():
+    model = tiny(pad_vocab_to=64).cuda()
+    idx = torch.randint(0, 50257, (4, 128), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        logits, loss = model(idx, idx)
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(loss)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

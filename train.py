@@ -1,0 +1,668 @@
+"""Train a GPT-2: one process (CPU, MPS, one GPU) or many under torchrun (DDP).
+
+    python train.py                                    # small GPT on tiny Shakespeare, any machine
+    python train.py --data data/fineweb_edu --model gpt2 --seq-len 1024 --batch-size 16 \\
+        --total-batch-size 524288                      # one GPU
+    torchrun --standalone --nproc_per_node=8 train.py --data ... --model gpt2
+
+The loop, top to bottom: evaluate / sample when due, then one optimizer step made of
+gradient-accumulation micro-steps, log it, checkpoint when due. Rerunning the same command
+resumes from the newest complete checkpoint in --out.
+
+Exit codes: 0 finished; 1 error; 2 bad flags or configuration; 3 stopped after too many
+consecutive non-finite steps; 75 stopped by SIGTERM/SIGUSR1 after saving a checkpoint
+(run the same command again to continue).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import checkpoint as ckpt_lib
+from dataloader import DataError, ShardedDataLoader
+from model import GPT, PRESETS, config_from_preset
+
+EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_NONFINITE, EXIT_PREEMPTED = 0, 1, 2, 3, 75
+DEFAULT_CORPUS = "tinyshakespeare"
+
+# ---- configuration ----
+
+
+def _flag(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    # data and run directory
+    data: str = _flag("", f"prepared data directory (prepare_data.py); empty: {DEFAULT_CORPUS}, prepared on first use")
+    out: str = _flag("", "run directory for config, metrics.jsonl and checkpoints; empty: runs/<data dir name>")
+    # model
+    model: str = _flag("tiny", f"model preset: {', '.join(PRESETS)}")
+    n_layer: int | None = _flag(None, "override the preset's number of layers")
+    n_head: int | None = _flag(None, "override the preset's number of attention heads")
+    n_embd: int | None = _flag(None, "override the preset's embedding width")
+    dropout: float = _flag(0.0, "dropout probability (0 for pretraining)")
+    pad_vocab: int = _flag(64, "round the vocabulary up to a multiple of this for faster matmuls (1: no padding)")
+    init_from: str = _flag("", "start from weights: a Hugging Face GPT-2 name or directory, or one of our checkpoints")
+    # batch
+    batch_size: int = _flag(8, "micro-batch size per process (sequences)")
+    seq_len: int | None = _flag(None, "tokens per sequence; default: the model's block size")
+    total_batch_size: int | None = _flag(
+        None, "tokens per optimizer step over all processes; gradient accumulation makes up the difference; "
+        "default: batch-size * seq-len * world size")
+    # optimisation
+    max_steps: int = _flag(500, "optimizer steps to train for")
+    lr: float = _flag(1e-3, "peak learning rate")
+    min_lr: float | None = _flag(None, "learning rate at the end of the cosine decay; default: lr / 10")
+    warmup_steps: int = _flag(20, "steps of linear warm-up from 0 to lr")
+    weight_decay: float = _flag(0.1, "AdamW weight decay on matrices and embeddings")
+    beta1: float = _flag(0.9, "AdamW beta1")
+    beta2: float = _flag(0.95, "AdamW beta2")
+    grad_clip: float = _flag(1.0, "clip the global gradient norm to this (0: no clipping)")
+    shuffle: bool = _flag(False, "shuffle the order of training chunks every epoch (seeded)")
+    # precision and speed
+    dtype: str = _flag("auto", "bf16, fp16 (with a grad scaler, CUDA) or fp32; auto: bf16 where supported, else fp32",
+                       choices=["auto", "bf16", "fp16", "fp32"])
+    compile: bool | None = _flag(None, "torch.compile the model; default: on for CUDA, off elsewhere")
+    device: str = _flag("auto", "cuda, mps, cpu, or auto (the best present)")
+    seed: int = _flag(1337, "random seed (model init, data shuffle, dropout, sampling)")
+    # evaluation, samples, logging
+    eval_every: int = _flag(100, "validation loss every N steps and at the end (0: never)")
+    eval_tokens: int = _flag(65536, "validation tokens per evaluation, the same tokens whatever the world size")
+    sample_every: int = _flag(0, "print samples every N steps (0: only at the end)")
+    sample_prompt: str = _flag("\n", "prompt that samples start from")
+    sample_tokens: int = _flag(64, "tokens per sample")
+    num_samples: int = _flag(2, "samples printed each time")
+    hellaswag_every: int = _flag(0, "HellaSwag accuracy every N steps and at the end (0: never)")
+    hellaswag_limit: int = _flag(0, "evaluate only the first N HellaSwag examples (0: all)")
+    hellaswag_file: str = _flag("", "local HellaSwag JSONL instead of the downloaded validation split")
+    log_every: int = _flag(1, "print a training line every N steps")
+    wandb: str = _flag("", "also log to this Weights & Biases project (needs the wandb package)")
+    # checkpoints and fault tolerance
+    checkpoint_every: int = _flag(250, "save a checkpoint every N steps (0: only at the end and on signals)")
+    keep_last: int = _flag(2, "keep the newest N checkpoints")
+    keep_every: int = _flag(0, "also keep every checkpoint whose step is a multiple of N (0: none)")
+    resume: str = _flag("auto", "auto: continue from the newest usable checkpoint in --out; never; or a checkpoint path")
+    max_bad_steps: int = _flag(5, "stop after this many consecutive steps with a non-finite loss or gradient norm")
+    dist_timeout_min: float = _flag(10.0, "minutes a collective may wait before a hung rank becomes an error")
+
+    def __post_init__(self) -> None:
+        errors = []
+        if self.model not in PRESETS:
+            errors.append(f"--model {self.model!r} is not a preset; choose one of: {', '.join(PRESETS)}")
+        for name in ("batch_size", "max_steps", "eval_tokens", "log_every", "pad_vocab", "max_bad_steps"):
+            if getattr(self, name) < 1:
+                errors.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_every", "sample_every", "hellaswag_every", "checkpoint_every",
+                     "keep_last", "keep_every", "hellaswag_limit", "grad_clip", "weight_decay"):
+            if getattr(self, name) < 0:
+                errors.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        for name in ("seq_len", "total_batch_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                errors.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            errors.append(f"--lr must be > 0, got {self.lr}")
+        if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
+            errors.append(f"--min-lr must be between 0 and --lr ({self.lr}), got {self.min_lr}")
+        if self.device not in ("auto", "cpu", "mps") and not self.device.startswith("cuda"):
+            errors.append(f"--device {self.device!r}: use auto, cpu, mps, cuda or cuda:N")
+        if errors:
+            raise ConfigError("\n".join(errors))
+
+
+class ConfigError(ValueError):
+    """A flag or a combination of flags that cannot work; the message says which."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        meta = dict(f.metadata)
+        kind = f.type if isinstance(f.type, type) else str(f.type)
+        if kind in (bool, "bool", "bool | None"):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=meta["help"])
+            continue
+        convert = {"int": int, "int | None": int, "float": float, "float | None": float}.get(str(kind), str)
+        if kind in (int, float, str):
+            convert = kind
+        parser.add_argument(flag, type=convert, default=f.default, metavar=f.name.split("_")[-1].upper(), **meta)
+    parser.add_argument("--plot", nargs="+", metavar="RUN", help="draw the loss curves of these runs to a PNG and exit")
+    return parser
+
+
+def parse_config(argv: list[str] | None) -> tuple[TrainConfig, argparse.Namespace]:
+    args = build_parser().parse_args(argv)
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**values), args
+
+
+# ---- processes and devices ----
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+
+def setup_distributed(device_arg: str, timeout_min: float) -> tuple[Dist, torch.device]:
+    """Ranks from torchrun's environment (a single process without it); the device to use."""
+    d = Dist(int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
+    if device_arg == "auto":
+        if torch.cuda.is_available():
+            device_arg = "cuda"
+        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            device_arg = "mps"
+        else:
+            device_arg = "cpu"
+    if device_arg.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda, but torch sees no CUDA GPU")
+        device = torch.device(f"cuda:{d.local_rank}" if device_arg == "cuda" else device_arg)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device(device_arg)
+    if d.enabled:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_min),
+                                **({"device_id": device} if backend == "nccl" else {}))
+    return d, device
+
+
+def teardown_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# Peak dense bf16 tensor-core FLOP/s, for MFU; devices not listed get no MFU.
+PEAK_BF16_FLOPS = {
+    "H200": 989e12,
+    "H100 SXM": 989e12,
+    "H100 80GB HBM3": 989e12,
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 70e12,
+}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAK_BF16_FLOPS.items():
+        if key in name:
+            return value
+    return None
+
+
+def autocast_dtype(cfg_dtype: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for plain fp32."""
+    if cfg_dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return None  # CPU and MPS: fp32 is the safe and usually the faster default
+    if cfg_dtype == "fp16" and device.type != "cuda":
+        raise ConfigError("--dtype fp16 needs CUDA (it relies on a CUDA grad scaler); use bf16 or fp32")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[cfg_dtype]
+
+
+# ---- schedule, metrics, signals ----
+
+
+def learning_rate(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to lr, then cosine decay to min_lr at max_steps."""
+    min_lr = cfg.lr / 10 if cfg.min_lr is None else cfg.min_lr
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))) * (cfg.lr - min_lr)
+
+
+class MetricsLog:
+    """RUN/metrics.jsonl, one JSON object per event, written by rank 0."""
+
+    def __init__(self, path: Path, enabled: bool, wandb_run=None):
+        self.path, self.enabled, self.wandb_run = path, enabled, wandb_run
+        self.file = open(path, "a") if enabled else None
+
+    def truncate_from(self, step: int) -> None:
+        """Drop events of steps >= step: they were logged after the checkpoint we resume from."""
+        if not self.enabled or not self.path.exists():
+            return
+        self.file.close()
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a line cut short by the crash
+            if record.get("step") is None or record["step"] < step:
+                kept.append(line)
+        ckpt_lib.write_text_atomic(self.path, "".join(k + "\n" for k in kept))
+        self.file = open(self.path, "a")
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.wandb_run is not None and "step" in record:
+            self.wandb_run.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+
+
+class StopSignal:
+    """Remembers SIGTERM / SIGUSR1; the loop checks it at step boundaries, agreed by all ranks."""
+
+    def __init__(self):
+        self.received: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+
+def run_metadata(cfg: TrainConfig, d: Dist, device: torch.device) -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=Path(__file__).parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {
+        "type": "run", "time": datetime.datetime.now().isoformat(timespec="seconds"), "git_commit": commit,
+        "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+        "world_size": d.world_size, "config": dataclasses.asdict(cfg),
+    }
+
+
+def fault_injection(name: str, step: int, rank: int) -> bool:
+    """Faults for the test suite, set through the environment: GPT2_TRAINER_TEST_<NAME>=STEP[:RANK]."""
+    spec = os.environ.get(f"GPT2_TRAINER_TEST_{name}")
+    if not spec:
+        return False
+    steps, _, ranks = spec.partition(":")
+    in_steps = step in {int(s) for s in steps.split(",")}
+    return in_steps and (not ranks or rank in {int(r) for r in ranks.split(",")})
+
+
+# ---- evaluation and sampling ----
+
+
+@torch.no_grad()
+def evaluate_val_loss(model, val_loader: ShardedDataLoader, n_chunks: int, d: Dist, device: torch.device,
+                      amp: torch.dtype | None) -> float:
+    """Mean loss over the same n_chunks validation chunks whatever the world size: rank r
+    takes chunks r, r+W, ...; loss sums and token counts are added across ranks."""
+    model.eval()
+    total = torch.zeros(2, device=device, dtype=torch.float64)
+    for c in range(d.rank, n_chunks, d.world_size):
+        x, y = val_loader.batch_at(c)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast_context(device, amp):
+            _, loss = model(x, y)
+        total[0] += loss.double() * y.numel()
+        total[1] += y.numel()
+    if d.enabled:
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    model.train()
+    return (total[0] / total[1]).item()
+
+
+def autocast_context(device: torch.device, amp: torch.dtype | None):
+    return torch.autocast(device_type=device.type, dtype=amp) if amp is not None else nullcontext()
+
+
+@torch.no_grad()
+def sample_texts(model: GPT, tokenizer, cfg: TrainConfig, device: torch.device, seed: int,
+                 amp: torch.dtype | None) -> list[str]:
+    model.eval()
+    prompt = tokenizer.encode(cfg.sample_prompt) or [tokenizer.eot_id]
+    idx = torch.tensor([prompt] * cfg.num_samples, dtype=torch.long, device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with autocast_context(device, amp):
+        out = model.generate(idx, cfg.sample_tokens, temperature=1.0, top_k=50, generator=gen)
+    model.train()
+    return [tokenizer.decode(row.tolist()) for row in out]
+
+
+# ---- setting up a run ----
+
+
+def resolve_data_dir(cfg: TrainConfig, d: Dist) -> Path:
+    if cfg.data:
+        return Path(cfg.data)
+    path = Path("data") / DEFAULT_CORPUS
+    if not (path / "meta.json").exists():
+        if d.local_rank == 0:
+            import prepare_data
+
+            prepare_data.prepare_named_corpus(DEFAULT_CORPUS, "data")
+        d.barrier()
+    return path
+
+
+def build_model(cfg: TrainConfig, vocab_size: int, print0) -> GPT:
+    if cfg.init_from:
+        if ckpt_lib.is_checkpoint_path(cfg.init_from):
+            print0(f"initialising weights from our checkpoint {cfg.init_from}")
+            model = ckpt_lib.load_model(cfg.init_from)
+        else:
+            print0(f"initialising weights from Hugging Face {cfg.init_from}")
+            model = GPT.from_pretrained(cfg.init_from, pad_vocab_to=cfg.pad_vocab, dropout=cfg.dropout)
+        if model.config.vocab_size != vocab_size:
+            raise ConfigError(f"--init-from {cfg.init_from} has a vocabulary of {model.config.vocab_size}, "
+                              f"the data {vocab_size}: they must be tokenized alike")
+        return model
+    overrides = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd") if getattr(cfg, k) is not None}
+    try:
+        model_cfg = config_from_preset(cfg.model, vocab_size=vocab_size, dropout=cfg.dropout,
+                                       pad_vocab_to=cfg.pad_vocab, **overrides)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    return GPT(model_cfg)
+
+
+def check_batch_arithmetic(cfg: TrainConfig, seq_len: int, block_size: int, d: Dist) -> int:
+    """Gradient accumulation steps; every inconsistency is an error before any work."""
+    if seq_len > block_size:
+        raise ConfigError(f"--seq-len {seq_len} is longer than the model's block size {block_size}")
+    per_micro_step = cfg.batch_size * seq_len * d.world_size
+    total = cfg.total_batch_size or per_micro_step
+    if total % per_micro_step:
+        raise ConfigError(
+            f"--total-batch-size {total} is not divisible by batch-size * seq-len * world size = "
+            f"{cfg.batch_size} * {seq_len} * {d.world_size} = {per_micro_step}")
+    return total // per_micro_step
+
+
+# ---- main ----
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg, args = parse_config(argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.plot:
+        import plot
+
+        return plot.main(args.plot)
+    d = Dist()
+    try:
+        d, device = setup_distributed(cfg.device, cfg.dist_timeout_min)
+        return train(cfg, d, device)
+    except ConfigError as e:
+        print(f"[rank {d.rank}] error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except (DataError, ckpt_lib.CheckpointError) as e:
+        print(f"[rank {d.rank}] error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    finally:
+        teardown_distributed()
+
+
+def train(cfg: TrainConfig, d: Dist, device: torch.device) -> int:
+    def print0(*a, **kw):
+        if d.master:
+            print(*a, **kw, flush=True)
+
+    # ---- data, model, batch arithmetic: everything that can be wrong fails here ----
+    data_dir = resolve_data_dir(cfg, d)
+    amp = autocast_dtype(cfg.dtype, device)
+    use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank
+    probe = ShardedDataLoader(data_dir, "train", 1, 1)
+    vocab_size = probe.vocab_size or 50257  # foreign shards without meta.json are GPT-2 tokens
+    model = build_model(cfg, vocab_size, print0).to(device)
+    seq_len = cfg.seq_len or model.config.block_size
+    grad_accum = check_batch_arithmetic(cfg, seq_len, model.config.block_size, d)
+    tokens_per_step = cfg.batch_size * seq_len * d.world_size * grad_accum
+    train_loader = ShardedDataLoader(data_dir, "train", cfg.batch_size, seq_len, d.rank, d.world_size,
+                                     shuffle=cfg.shuffle, seed=cfg.seed, pin_memory=device.type == "cuda")
+    val_loader = ShardedDataLoader(data_dir, "val", cfg.batch_size, seq_len, d.rank, d.world_size)
+    val_chunks = min(val_loader.num_chunks(), max(1, cfg.eval_tokens // (cfg.batch_size * seq_len)))
+    if cfg.eval_every and val_loader.num_chunks() == 0:
+        raise ConfigError(f"the validation split of {data_dir} has fewer than batch-size * seq-len + 1 tokens")
+    if train_loader.num_chunks() < d.world_size:
+        raise ConfigError(f"the training split of {data_dir} is smaller than one step of one micro-batch per rank")
+
+    out_dir = Path(cfg.out or Path("runs") / data_dir.name)
+    print0(f"run directory {out_dir}; {d.world_size} process(es) on {device}, "
+           f"autocast {amp or 'off (fp32)'}, compile {use_compile}")
+    print0(f"model: {model.num_params() / 1e6:.2f}M parameters (non-embedding), vocab {vocab_size} "
+           f"(padded to {model.config.padded_vocab_size}), block {model.config.block_size}")
+    print0(f"batch: {cfg.batch_size} seqs x {seq_len} tokens x {d.world_size} ranks x {grad_accum} accumulation "
+           f"= {tokens_per_step:,} tokens per step; {cfg.max_steps} steps = {tokens_per_step * cfg.max_steps:,} "
+           f"tokens; train split {train_loader.num_tokens:,} tokens")
+
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), device.type)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp is torch.float16)
+
+    # ---- resume ----
+    start_step, tokens_seen, bad_steps = 0, 0, 0
+    resume_from = None
+    if cfg.resume == "auto":
+        resume_from = ckpt_lib.find_checkpoint(out_dir, warn=print0)
+    elif cfg.resume != "never":
+        resume_from = ckpt_lib.resolve_checkpoint(cfg.resume, warn=print0)
+    if resume_from is not None:
+        ckpt_lib.load_model_weights(resume_from, model)
+        state = ckpt_lib.load_train_state(resume_from)
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        train_loader.load_state_dict(state["train_loader"])
+        start_step, tokens_seen = resume_from.step, state["tokens_seen"]
+        rng = ckpt_lib.load_rng_state(resume_from, d.rank)
+        if rng is not None:
+            ckpt_lib.restore_rng_state(rng)
+        else:
+            torch.manual_seed(cfg.seed + d.rank)
+        print0(f"resumed from {resume_from.path} (step {start_step}, saved by {resume_from.meta['world_size']} "
+               f"process(es))")
+    else:
+        torch.manual_seed(cfg.seed + d.rank)  # dropout differs per rank
+
+    raw_model = model
+    if use_compile:
+        model = torch.compile(model)
+    train_model = model
+    if d.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    if d.master:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        ckpt_lib.write_text_atomic(out_dir / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
+    wandb_run = None
+    if cfg.wandb and d.master:
+        try:
+            import wandb
+        except ImportError as e:
+            raise ConfigError("--wandb needs the wandb package: pip install wandb") from e
+        wandb_run = wandb.init(project=cfg.wandb, config=dataclasses.asdict(cfg), resume="allow",
+                               id=out_dir.resolve().name)
+    metrics = MetricsLog(out_dir / "metrics.jsonl", d.master, wandb_run)
+    metrics.truncate_from(start_step)
+    metrics.log({**run_metadata(cfg, d, device), "resumed_from_step": start_step if resume_from else None})
+
+    from tokenizer import get_tokenizer
+
+    tokenizer = get_tokenizer(probe.tokenizer_name or "gpt2") if d.master else None  # for samples
+    hellaswag_examples = None
+    if cfg.hellaswag_every:
+        import hellaswag
+
+        hellaswag_examples = hellaswag.load_examples(cfg.hellaswag_file or None, cfg.hellaswag_limit or None)
+
+    def save(step: int) -> Path:
+        state = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                 "train_loader": train_loader.state_dict(), "tokens_seen": tokens_seen}
+        path = ckpt_lib.save_checkpoint(out_dir, step, raw_model, state,
+                                        {"config": dataclasses.asdict(cfg), "tokens_seen": tokens_seen},
+                                        d.rank, d.world_size, d.barrier)
+        if d.master:
+            ckpt_lib.prune_checkpoints(out_dir, cfg.keep_last, cfg.keep_every)
+        print0(f"saved checkpoint {path}")
+        return path
+
+    stop = StopSignal()
+    flops_per_token = raw_model.flops_per_token(seq_len)
+    peak = peak_flops(device)
+    step_ms_avg = None
+    params = [p for p in raw_model.parameters() if p.requires_grad]
+
+    # ---- the loop ----
+    for step in range(start_step, cfg.max_steps):
+        last_step = step == cfg.max_steps - 1
+        if cfg.eval_every and (step % cfg.eval_every == 0 or last_step):
+            t0 = time.perf_counter()
+            val_loss = evaluate_val_loss(model, val_loader, val_chunks, d, device, amp)
+            print0(f"step {step:6d} | val loss {val_loss:.4f} | {val_chunks * cfg.batch_size * seq_len:,} tokens "
+                   f"in {time.perf_counter() - t0:.1f}s")
+            metrics.log({"type": "eval", "step": step, "val_loss": val_loss})
+        if cfg.hellaswag_every and (step % cfg.hellaswag_every == 0 or last_step):
+            result = hellaswag.evaluate(model, hellaswag_examples, device, batch_size=cfg.batch_size,
+                                        rank=d.rank, world_size=d.world_size, autocast_dtype=amp)
+            print0(f"step {step:6d} | hellaswag acc_norm {result['acc_norm']:.4f} ({result['num_examples']} examples)")
+            metrics.log({"type": "hellaswag", "step": step, "hellaswag_acc": result["acc"],
+                         "hellaswag_acc_norm": result["acc_norm"], "hellaswag_examples": result["num_examples"]})
+        if cfg.sample_every and step > start_step and step % cfg.sample_every == 0 and d.master:
+            # the uncompiled module: generation grows the sequence every token, which would recompile
+            for text in sample_texts(raw_model, tokenizer, cfg, device, cfg.seed, amp):
+                print0(f"step {step:6d} | sample: {text!r}")
+
+        # one optimizer step
+        t0 = time.perf_counter()
+        loss_accum = torch.zeros((), device=device)
+        for micro_step in range(grad_accum):
+            x, y = train_loader.next_batch()
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            # all-reduce gradients only on the last micro-step
+            sync = nullcontext() if not d.enabled or micro_step == grad_accum - 1 else train_model.no_sync()
+            with sync, autocast_context(device, amp):
+                _, loss = train_model(x, y)
+                if fault_injection("NAN_AT_STEP", step, d.rank):
+                    loss = loss * float("nan")
+                loss = loss / grad_accum
+            loss_accum += loss.detach()
+            scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        # One collective per step carries the loss (averaged over ranks) and the stop request.
+        # A NaN on any rank spreads to every rank through this sum and through the gradient
+        # all-reduce, so all ranks take the same skip decision without another collective.
+        status = torch.stack([loss_accum.float(), torch.tensor(float(stop.received is not None), device=device)])
+        if d.enabled:
+            dist.all_reduce(status, op=dist.ReduceOp.SUM)
+        lr = learning_rate(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        # the step's one host-device synchronisation: what logging and the decisions below need
+        loss_sum, stop_requested, grad_norm_value = torch.cat([status, grad_norm.float().view(1)]).tolist()
+        loss_value = loss_sum / d.world_size
+        finite = math.isfinite(loss_value) and math.isfinite(grad_norm_value)
+        if finite:
+            scaler.step(optimizer)
+            bad_steps = 0
+        else:
+            bad_steps += 1
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        tokens_seen += tokens_per_step
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+
+        if fault_injection("CRASH_AT_STEP", step, d.rank) and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+            raise RuntimeError(f"injected crash at step {step} (GPT2_TRAINER_TEST_CRASH_AT_STEP)")
+
+        # log
+        # the first step pays for compilation: start the moving average at the second
+        step_ms_avg = dt * 1000 if step <= start_step + 1 else 0.9 * step_ms_avg + 0.1 * dt * 1000
+        tokens_per_sec = tokens_per_step / dt
+        mfu = flops_per_token * tokens_per_sec / (peak * d.world_size) if peak else None
+        record = {"type": "train", "step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm_value,
+                  "tokens_per_sec": tokens_per_sec, "mfu": mfu, "ms": dt * 1000, "tokens_seen": tokens_seen}
+        if not finite:
+            record["skipped"] = True
+            print0(f"step {step:6d} | non-finite loss {loss_value} or grad norm {grad_norm_value}: update skipped "
+                   f"({bad_steps} in a row, limit {cfg.max_bad_steps})")
+        metrics.log(record)
+        if step % cfg.log_every == 0 or last_step:
+            eta_s = (cfg.max_steps - step - 1) * step_ms_avg / 1000
+            mfu_text = f"{100 * mfu:5.1f}%" if mfu is not None else "    -"
+            print0(f"step {step:6d} | loss {loss_value:.4f} | lr {lr:.2e} | norm {grad_norm_value:6.3f} | "
+                   f"{dt * 1000:7.1f} ms | {tokens_per_sec:10,.0f} tok/s | mfu {mfu_text} | eta {eta_s / 60:.1f} min")
+        if bad_steps >= cfg.max_bad_steps:
+            print0(f"error: {bad_steps} consecutive steps had a non-finite loss or gradient norm; stopping. The last "
+                   f"good checkpoint in {out_dir / 'checkpoints'} is intact. HINT: lower --lr or check the data.")
+            metrics.close()
+            return EXIT_NONFINITE
+
+        done = step + 1
+        if stop_requested:
+            save(done)
+            print0(f"stopped by a signal at step {done}; run the same command again to resume")
+            metrics.close()
+            return EXIT_PREEMPTED
+        if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.max_steps:
+            try:
+                save(done)
+            except ckpt_lib.CheckpointError as e:
+                print0(f"error: {e}\ntraining goes on; the next checkpoint will be tried at its turn")
+                continue
+            if fault_injection("KILL_AFTER_CHECKPOINT", done, d.rank):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    if start_step < cfg.max_steps:
+        save(cfg.max_steps)
+    if d.master:
+        for text in sample_texts(raw_model, tokenizer, cfg, device, cfg.seed, amp):
+            print0(f"sample: {text!r}")
+    metrics.close()
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
