@@ -99,8 +99,8 @@ def packaged_gpt2_files() -> tuple[Path, Path] | None:
 
 def _gpt2_from_files(vocab_bpe: Path, encoder_json: Path):
     import tiktoken
-    from tiktoken_ext.openai_public import r50k_pat_str
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+    from tiktoken_ext.openai_public import r50k_pat_str
 
     # A local path has no "://", so tiktoken reads it directly and still checks the hashes.
     ranks = data_gym_to_mergeable_bpe_ranks(

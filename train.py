@@ -528,7 +528,7 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> int:
 
     from tokenizer import get_tokenizer
 
-    tokenizer = get_tokenizer(probe.tokenizer_name or "gpt2") if d.master else None  # for samples
+    tokenizer = get_tokenizer(getattr(probe, "tokenizer_name", None) or "gpt2") if d.master else None  # for samples
     hellaswag_examples = None
     if cfg.hellaswag_every:
         import hellaswag

@@ -35,3 +35,25 @@ def hf_gpt2_dir(tmp_path):
     out = tmp_path / "hf_tiny_gpt2"
     model.save_pretrained(out)
     return out
+
+
+def _synthetic_text(n_docs: int = 400) -> str:
+    import random
+
+    rng = random.Random(0)
+    words = "the of and to in a is that for it as was with be by on not he I this are or his from at which".split()
+    return "".join(" ".join(rng.choice(words) for _ in range(rng.randint(50, 200))) + ".\n\n" for _ in range(n_docs))
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """Prepared shards: tiny Shakespeare where ../shared/data has it, else synthetic text."""
+    import prepare_data
+
+    src_dir = tmp_path_factory.mktemp("corpus")
+    shakespeare = SHARED_DATA / "tinyshakespeare" / "input.txt"
+    source = src_dir / "input.txt"
+    source.write_text(shakespeare.read_text() if shakespeare.exists() else _synthetic_text())
+    out = src_dir / "prepared"
+    assert prepare_data.main([str(source), "--out", str(out), "--workers", "1"]) in (0, None)
+    return out

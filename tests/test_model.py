@@ -2,8 +2,8 @@ import math
 
 import pytest
 import torch
-from conftest import requires_gpu
 
+from conftest import requires_gpu
 from model import GPT, PRESETS, GPTConfig, config_from_preset
 
 

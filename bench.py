@@ -1,0 +1,121 @@
+"""Training-step benchmark: steady-state tokens/s, MFU, peak memory and compile time.
+
+    python bench.py --model gpt2 --batch-size 16 32 --seq-len 1024       # one GPU, bf16, compiled
+    python bench.py --model tiny --device cpu --no-compile --steps 5     # checks the script on a CPU
+
+It times the same step train.py runs (forward and backward under autocast, gradient
+clipping, fused AdamW) on random tokens, so the figures isolate the model and optimizer from
+data loading. Warm-up steps, which include compilation, are timed apart; the reported
+figures are the median over the timed steps, with the device synchronised around each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+from model import GPT, PRESETS, config_from_preset
+from train import autocast_context, autocast_dtype, peak_flops
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_one(preset: str, batch_size: int, seq_len: int, steps: int, warmup: int, device: torch.device,
+              dtype: str, use_compile: bool, grad_accum: int = 1) -> dict:
+    torch.manual_seed(0)
+    model = GPT(config_from_preset(preset, pad_vocab_to=64)).to(device)
+    optimizer = model.configure_optimizers(0.1, 6e-4, device_type=device.type)
+    amp = autocast_dtype(dtype, device)
+    step_model = torch.compile(model) if use_compile else model
+    x = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), device=device)
+    y = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), device=device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def step() -> None:
+        for _ in range(grad_accum):
+            with autocast_context(device, amp):
+                _, loss = step_model(x, y)
+            (loss / grad_accum).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    t0 = time.perf_counter()
+    step()
+    sync(device)
+    first_step_s = time.perf_counter() - t0  # includes compilation
+    for _ in range(warmup - 1):
+        step()
+    sync(device)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    step_s = statistics.median(times)
+    tokens = batch_size * seq_len * grad_accum
+    tokens_per_sec = tokens / step_s
+    peak = peak_flops(device)
+    return {
+        "model": preset, "batch_size": batch_size, "seq_len": seq_len, "grad_accum": grad_accum,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+        "dtype": str(amp).replace("torch.", "") if amp else "fp32", "compile": use_compile,
+        "step_ms": round(step_s * 1000, 2), "tokens_per_sec": round(tokens_per_sec),
+        "mfu": round(model.flops_per_token(seq_len) * tokens_per_sec / peak, 4) if peak else None,
+        "peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
+        "first_step_s": round(first_step_s, 2),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", nargs="+", default=["gpt2"], choices=list(PRESETS), help="presets to time")
+    parser.add_argument("--batch-size", nargs="+", type=int, default=[16], help="micro-batch sizes to time")
+    parser.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps (the median is reported)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="autocast dtype")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile the model (default: on for CUDA)")
+    parser.add_argument("--json", action="store_true", help="one JSON object per configuration instead of a table")
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.warmup < 1:
+        parser.error("--steps and --warmup must be >= 1")
+    device = torch.device(args.device)
+    use_compile = args.compile if args.compile is not None else device.type == "cuda"
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # what stays in fp32 (the optimizer) uses TF32
+    for preset in args.model:
+        for batch_size in args.batch_size:
+            try:
+                result = bench_one(preset, batch_size, args.seq_len, args.steps, args.warmup, device, args.dtype,
+                                   use_compile)
+            except torch.OutOfMemoryError:
+                result = {"model": preset, "batch_size": batch_size, "seq_len": args.seq_len, "error": "out of memory"}
+                torch.cuda.empty_cache()
+            if args.json:
+                print(json.dumps(result), flush=True)
+            elif "error" in result:
+                print(f"{preset:12s} B={batch_size:3d} T={args.seq_len}: out of memory", flush=True)
+            else:
+                mfu = f"{100 * result['mfu']:.1f}%" if result["mfu"] is not None else "-"
+                mem = f"{result['peak_mem_gib']} GiB" if result["peak_mem_gib"] is not None else "-"
+                print(f"{preset:12s} B={batch_size:3d} T={args.seq_len} {result['dtype']:8s} compile={use_compile!s:5s} "
+                      f"{result['step_ms']:9.1f} ms/step {result['tokens_per_sec']:10,d} tok/s  MFU {mfu:>6s}  "
+                      f"peak mem {mem}  first step {result['first_step_s']} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

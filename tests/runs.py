@@ -1,0 +1,96 @@
+"""Helpers for tests that run train.py: in-process, as a subprocess, or under torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# A model and batch small enough for a step to take milliseconds on a CPU.
+TINY = [
+    "--model",
+    "tiny",
+    "--n-layer",
+    "2",
+    "--n-embd",
+    "64",
+    "--n-head",
+    "2",
+    "--seq-len",
+    "32",
+    "--batch-size",
+    "4",
+    "--device",
+    "cpu",
+    "--no-compile",
+    "--eval-tokens",
+    "512",
+    "--sample-tokens",
+    "4",
+    "--num-samples",
+    "1",
+    "--warmup-steps",
+    "2",
+    "--lr",
+    "3e-3",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_command(args: list[str], nproc: int = 1, max_restarts: int = 0) -> list[str]:
+    if nproc == 1 and not max_restarts:
+        return [sys.executable, str(ROOT / "train.py"), *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=1",
+        f"--nproc_per_node={nproc}",
+        f"--max-restarts={max_restarts}",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{free_port()}",
+        str(ROOT / "train.py"),
+        *args,
+    ]
+
+
+def run_train(
+    args: list[str], nproc: int = 1, env: dict | None = None, max_restarts: int = 0, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    # Several processes on a small machine: one thread each. A single process keeps torch's
+    # default, like the in-process runs it is compared with bit for bit (the thread count
+    # changes the order of float reductions).
+    threads = {"OMP_NUM_THREADS": "1"} if nproc > 1 else {}
+    full_env = {**os.environ, **threads, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(
+        train_command(args, nproc, max_restarts),
+        cwd=ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    """step -> loss; fails if a step appears twice."""
+    losses = {}
+    for record in read_metrics(run_dir):
+        if record["type"] == "train":
+            assert record["step"] not in losses, f"step {record['step']} logged twice"
+            losses[record["step"]] = record["loss"]
+    return losses

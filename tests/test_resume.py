@@ -1,0 +1,316 @@
+"""Checkpoints, exact resume and fault tolerance, all on CPU."""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+import checkpoint
+import train
+from runs import ROOT, TINY, read_metrics, run_train, train_command, train_losses
+
+
+def flags(data, run, steps=20, every=10, extra=()):
+    return [
+        *TINY,
+        "--data",
+        str(data),
+        "--out",
+        str(run),
+        "--max-steps",
+        str(steps),
+        "--eval-every",
+        "5",
+        "--checkpoint-every",
+        str(every),
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def reference_1proc(tiny_data, tmp_path_factory):
+    """An uninterrupted 20-step single-process run."""
+    run = tmp_path_factory.mktemp("ref1") / "run"
+    assert train.main(flags(tiny_data, run)) == 0
+    return run
+
+
+@pytest.fixture(scope="module")
+def reference_2proc(tiny_data, tmp_path_factory):
+    """An uninterrupted 20-step run of two processes under torchrun."""
+    run = tmp_path_factory.mktemp("ref2") / "run"
+    result = run_train(flags(tiny_data, run), nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run
+
+
+def assert_metrics_continue(run, steps):
+    records = read_metrics(run)
+    assert [r["step"] for r in records if r["type"] == "train"] == list(range(steps))
+    assert [r["step"] for r in records if r["type"] == "eval"] == sorted({*range(0, steps, 5), steps - 1})
+
+
+def test_checkpoint_holds_everything_and_no_wrapper_prefixes(reference_1proc):
+    ckpt = checkpoint.find_checkpoint(reference_1proc)
+    assert ckpt.step == 20
+    names = {p.name for p in ckpt.path.iterdir()}
+    assert names == {"model.safetensors", "train_state.pt", "rng_rank00000.pt", "meta.json"}
+    meta = ckpt.meta
+    assert meta["format_version"] == checkpoint.FORMAT_VERSION and meta["config"]["max_steps"] == 20
+    assert meta["tokens_seen"] == 20 * 4 * 32 and meta["model_config"]["n_layer"] == 2
+    from safetensors.torch import load_file
+
+    keys = load_file(str(ckpt.path / "model.safetensors")).keys()
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in keys)
+    state = checkpoint.load_train_state(ckpt)
+    assert {"optimizer", "scaler", "train_loader", "tokens_seen"} <= set(state)
+    assert set(checkpoint.load_rng_state(ckpt, 0)) >= {"python", "numpy", "torch"}
+    assert (reference_1proc / "checkpoints" / "latest").read_text().strip() == ckpt.path.name
+
+
+def test_sigkill_after_checkpoint_then_resume_is_bit_identical(tiny_data, tmp_path, reference_1proc):
+    run = tmp_path / "run"
+    killed = run_train(flags(tiny_data, run), env={"GPT2_TRAINER_TEST_KILL_AFTER_CHECKPOINT": "10"})
+    assert killed.returncode == -signal.SIGKILL
+    assert checkpoint.find_checkpoint(run).step == 10
+    resumed = run_train(flags(tiny_data, run))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    assert train_losses(run) == train_losses(reference_1proc)  # bit for bit
+    assert_metrics_continue(run, 20)
+
+
+def test_two_process_sigkill_resume_is_bit_identical(tiny_data, tmp_path, reference_2proc):
+    run = tmp_path / "run"
+    killed = run_train(flags(tiny_data, run), nproc=2, env={"GPT2_TRAINER_TEST_KILL_AFTER_CHECKPOINT": "10:0"})
+    assert killed.returncode != 0
+    assert checkpoint.find_checkpoint(run).step == 10
+    assert {p.name for p in checkpoint.find_checkpoint(run).path.glob("rng_rank*")} == {
+        "rng_rank00000.pt",
+        "rng_rank00001.pt",
+    }
+    resumed = run_train(flags(tiny_data, run), nproc=2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert train_losses(run) == train_losses(reference_2proc)
+    assert_metrics_continue(run, 20)
+
+
+def test_resume_on_other_world_size_keeps_data_order(tiny_data, tmp_path, reference_1proc):
+    run = tmp_path / "run"
+    total = ["--total-batch-size", str(4 * 32 * 2)]
+    ref = tmp_path / "ref"
+    assert train.main(flags(tiny_data, ref, extra=total)) == 0
+    killed = run_train(
+        flags(tiny_data, run, extra=total), nproc=2, env={"GPT2_TRAINER_TEST_KILL_AFTER_CHECKPOINT": "10:0"}
+    )
+    assert killed.returncode != 0
+    assert train.main(flags(tiny_data, run, extra=total)) == 0  # one process, twice the accumulation
+    one, mixed = train_losses(ref), train_losses(run)
+    assert sorted(mixed) == list(range(20))
+    for step in one:
+        assert mixed[step] == pytest.approx(one[step], abs=1e-4)
+
+
+def wait_for_step(run, step, proc, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            return
+        try:
+            if any(r["type"] == "train" and r["step"] >= step for r in read_metrics(run)):
+                return
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"run did not reach step {step}")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_signal_saves_checkpoint_and_exits_75_then_resumes_exactly(tiny_data, tmp_path, reference_1proc, sig):
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        train_command(flags(tiny_data, run, every=0)),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for_step(run, 3, proc)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == train.EXIT_PREEMPTED, err[-3000:]
+    ckpt = checkpoint.find_checkpoint(run)
+    assert ckpt is not None and 3 < ckpt.step < 20
+    assert "stopped by a signal" in out
+    assert train.main(flags(tiny_data, run, every=0)) == 0
+    assert train_losses(run) == train_losses(reference_1proc)
+
+
+def worker_pids(parent_pid: int) -> dict[int, int]:
+    """rank -> pid of torchrun's worker processes (children of the torchrun process)."""
+    workers = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            if ppid != parent_pid:
+                continue
+            environ = (stat.parent / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        rank = next((int(e[5:]) for e in environ if e.startswith(b"RANK=")), None)
+        if rank is not None:
+            workers[rank] = int(stat.parent.name)
+    return workers
+
+
+def test_signal_to_one_rank_stops_all_ranks_with_a_checkpoint(tiny_data, tmp_path, reference_2proc):
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        train_command(flags(tiny_data, run, every=0), nproc=2),
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for_step(run, 3, proc)
+    workers = worker_pids(proc.pid)
+    assert set(workers) == {0, 1}
+    os.kill(workers[1], signal.SIGUSR1)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0  # torchrun reports a worker that exited with 75 as failed
+    assert "stopped by a signal" in out
+    ckpt = checkpoint.find_checkpoint(run)
+    assert ckpt is not None and 3 < ckpt.step < 20
+    assert {p.name for p in ckpt.path.glob("rng_rank*")} == {"rng_rank00000.pt", "rng_rank00001.pt"}
+    resumed = run_train(flags(tiny_data, run, every=0), nproc=2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert train_losses(run) == train_losses(reference_2proc)
+
+
+def test_torchrun_restart_after_crash_resumes_from_checkpoint(tiny_data, tmp_path, reference_1proc):
+    run = tmp_path / "run"
+    result = run_train(flags(tiny_data, run), nproc=1, max_restarts=1, env={"GPT2_TRAINER_TEST_CRASH_AT_STEP": "13"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "injected crash" in result.stderr
+    assert train_losses(run) == train_losses(reference_1proc)
+    assert_metrics_continue(run, 20)
+
+
+def test_nan_on_one_rank_skips_the_update_on_all_ranks(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    result = run_train(flags(tiny_data, run, steps=8, every=0), nproc=2, env={"GPT2_TRAINER_TEST_NAN_AT_STEP": "4:1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [r for r in read_metrics(run) if r["type"] == "train"]
+    assert [r["step"] for r in records if r.get("skipped")] == [4]
+    assert all(r["loss"] == r["loss"] for r in records if r["step"] != 4)  # finite elsewhere
+
+
+def test_consecutive_nonfinite_steps_stop_the_run_with_checkpoint_intact(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    code = train.main(flags(tiny_data, run, steps=20, every=5, extra=["--max-bad-steps", "3"]))
+    assert code == 0
+    run2 = tmp_path / "run2"
+    result = run_train(
+        flags(tiny_data, run2, steps=20, every=5, extra=["--max-bad-steps", "3"]),
+        env={"GPT2_TRAINER_TEST_NAN_AT_STEP": "7,8,9,10"},
+    )
+    assert result.returncode == train.EXIT_NONFINITE
+    assert "consecutive" in result.stdout
+    ckpt = checkpoint.find_checkpoint(run2)
+    assert ckpt.step == 5  # the last good one, loadable
+    checkpoint.load_model(ckpt.path)
+
+
+def test_full_disk_while_saving_keeps_training_and_previous_checkpoint(tiny_data, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    real_save = checkpoint.save_file
+    calls = {"n": 0}
+
+    def save_file_then_disk_full(tensors, filename, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second checkpoint hits a full disk
+            raise OSError(errno.ENOSPC, "No space left on device", filename)
+        return real_save(tensors, filename, *a, **kw)
+
+    monkeypatch.setattr(checkpoint, "save_file", save_file_then_disk_full)
+    assert train.main(flags(tiny_data, run, steps=20, every=5)) == 0
+    err_text = capsys.readouterr().out
+    assert "No space left on device" in err_text and "training goes on" in err_text
+    steps = sorted(int(p.name[5:]) for p in (run / "checkpoints").glob("step_*"))
+    assert 10 not in steps and 20 in steps
+    assert not list((run / "checkpoints").glob("*.tmp"))
+    assert sorted(train_losses(run)) == list(range(20))
+
+
+def test_truncated_newest_checkpoint_is_skipped_with_warning(tiny_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train.main(flags(tiny_data, run, steps=10, every=5, extra=["--keep-last", "3"])) == 0
+    newest = checkpoint.find_checkpoint(run).path
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    capsys.readouterr()
+    ckpt = checkpoint.find_checkpoint(run)
+    assert ckpt.step == 5
+    assert f"skipping checkpoint {newest}" in capsys.readouterr().out
+
+
+def test_checkpoint_of_other_model_shape_is_refused(tiny_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train.main(flags(tiny_data, run, steps=5, every=5)) == 0
+    assert train.main(flags(tiny_data, run, steps=10, every=5, extra=["--n-layer", "3"])) == train.EXIT_ERROR
+    err = capsys.readouterr().err
+    assert "another model shape" in err and "n_layer: checkpoint 2, this run 3" in err
+
+
+def test_checkpoint_with_other_format_version_is_refused(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    assert train.main(flags(tiny_data, run, steps=5, every=5)) == 0
+    path = checkpoint.find_checkpoint(run).path
+    meta = json.loads((path / "meta.json").read_text())
+    meta["format_version"] = 999
+    (path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(checkpoint.CheckpointError, match="format version 999"):
+        checkpoint.resolve_checkpoint(path)
+
+
+def test_keep_last_and_keep_every(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    assert train.main(flags(tiny_data, run, steps=12, every=2, extra=["--keep-last", "2", "--keep-every", "4"])) == 0
+    steps = sorted(int(p.name[5:]) for p in (run / "checkpoints").glob("step_*"))
+    assert steps == [4, 8, 10, 12]
+
+
+def test_init_from_checkpoint_starts_a_new_run_from_its_weights(tiny_data, tmp_path):
+    src = tmp_path / "src"
+    assert train.main(flags(tiny_data, src, steps=10, every=10)) == 0
+    dst = tmp_path / "dst"
+    assert train.main(flags(tiny_data, dst, steps=3, every=0, extra=["--init-from", str(src)])) == 0
+    records = read_metrics(dst)
+    assert records[0]["resumed_from_step"] is None
+    losses = train_losses(dst)
+    assert sorted(losses) == [0, 1, 2]
+    assert losses[0] < train_losses(src)[0] - 1.0  # starts from trained weights, not from scratch
+
+
+def test_resume_never_and_explicit_path(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    assert train.main(flags(tiny_data, run, steps=10, every=5, extra=["--keep-last", "5"])) == 0
+    fresh = tmp_path / "fresh"
+    assert train.main(flags(tiny_data, fresh, steps=10, every=0, extra=["--resume", "never"])) == 0
+    assert train_losses(fresh) == train_losses(run)
+    again = tmp_path / "again"
+    assert (
+        train.main(
+            flags(tiny_data, again, steps=10, every=0, extra=["--resume", str(run / "checkpoints" / "step_00000005")])
+        )
+        == 0
+    )
+    assert sorted(train_losses(again)) == list(range(5, 10))
+    assert train_losses(again) == {s: v for s, v in train_losses(run).items() if s >= 5}

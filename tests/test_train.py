@@ -1,0 +1,144 @@
+import json
+import math
+
+import pytest
+
+import train
+from conftest import requires_gpu
+from runs import TINY, read_metrics, run_train, train_losses
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--model", "gpt5"], "not a preset"),
+        (["--total-batch-size", "1000"], "not divisible"),
+        (["--seq-len", "4096"], "longer than the model's block size"),
+        (["--lr", "0"], "--lr must be > 0"),
+        (["--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--dtype", "fp16"], "fp16 needs CUDA"),
+        (["--n-head", "3"], "divisible by n_head"),
+        (["--min-lr", "1.0"], "--min-lr must be between"),
+    ],
+)
+def test_bad_configuration_gives_clear_error(tiny_data, tmp_path, capsys, flags, message):
+    code = train.main([*TINY, "--data", str(tiny_data), "--out", str(tmp_path / "run"), "--max-steps", "1", *flags])
+    assert code == train.EXIT_CONFIG
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run" / "checkpoints").exists()  # failed before any work
+
+
+def test_missing_data_directory_says_what_to_do(tmp_path, capsys):
+    code = train.main([*TINY, "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run")])
+    assert code == train.EXIT_ERROR
+    assert "prepare_data.py" in capsys.readouterr().err
+
+
+def test_learning_rate_warms_up_then_decays_to_min_lr():
+    cfg = train.TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=110)
+    assert train.learning_rate(0, cfg) == pytest.approx(1e-4)
+    assert train.learning_rate(9, cfg) == pytest.approx(1e-3)
+    assert train.learning_rate(60, cfg) == pytest.approx(1e-4 + 0.5 * 9e-4)
+    assert train.learning_rate(110, cfg) == pytest.approx(1e-4)
+    lrs = [train.learning_rate(s, cfg) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_loss_falls_from_log_vocab_and_metrics_parse(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    code = train.main(
+        [
+            *TINY,
+            "--data",
+            str(tiny_data),
+            "--out",
+            str(run),
+            "--max-steps",
+            "60",
+            "--eval-every",
+            "30",
+            "--checkpoint-every",
+            "0",
+        ]
+    )
+    assert code == 0
+    records = read_metrics(run)
+    assert records[0]["type"] == "run" and records[0]["config"]["max_steps"] == 60 and records[0]["world_size"] == 1
+    losses = train_losses(run)
+    assert sorted(losses) == list(range(60))
+    assert abs(losses[0] - math.log(50257)) < 0.5
+    assert min(losses[s] for s in range(50, 60)) < losses[0] - 3.0
+    evals = [r for r in records if r["type"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 30, 59] and evals[-1]["val_loss"] < evals[0]["val_loss"] - 2.0
+    train_record = next(r for r in records if r["type"] == "train")
+    assert {"step", "loss", "lr", "grad_norm", "tokens_per_sec", "mfu"} <= set(train_record)
+    assert json.loads((run / "config.json").read_text())["max_steps"] == 60
+
+
+def test_two_processes_match_one_process_with_double_accumulation(tiny_data, tmp_path):
+    common = [
+        *TINY,
+        "--data",
+        str(tiny_data),
+        "--max-steps",
+        "6",
+        "--eval-every",
+        "3",
+        "--checkpoint-every",
+        "0",
+        "--total-batch-size",
+        str(4 * 32 * 2),
+    ]
+    single = train.main([*common, "--out", str(tmp_path / "one")])
+    assert single == 0
+    double = run_train([*common, "--out", str(tmp_path / "two")], nproc=2)
+    assert double.returncode == 0, double.stderr[-3000:]
+    one, two = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
+    assert sorted(one) == sorted(two) == list(range(6))
+    for step in one:
+        assert one[step] == pytest.approx(two[step], abs=1e-5)
+    val_one = [r["val_loss"] for r in read_metrics(tmp_path / "one") if r["type"] == "eval"]
+    val_two = [r["val_loss"] for r in read_metrics(tmp_path / "two") if r["type"] == "eval"]
+    assert val_one == pytest.approx(val_two, abs=1e-5)
+    assert "world_size" in read_metrics(tmp_path / "two")[0] and read_metrics(tmp_path / "two")[0]["world_size"] == 2
+
+
+def test_plot_writes_png(tiny_data, tmp_path):
+    pytest.importorskip("matplotlib")
+    run = tmp_path / "run"
+    assert train.main([*TINY, "--data", str(tiny_data), "--out", str(run), "--max-steps", "3"]) == 0
+    png = tmp_path / "loss.png"
+    import plot
+
+    assert plot.main([str(run), "--output", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@requires_gpu
+def test_compiled_bf16_run_on_gpu_with_eval_and_samples(tiny_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    flags = [a for a in TINY if a not in ("--device", "cpu", "--no-compile")]
+    code = train.main(
+        [
+            *flags,
+            "--device",
+            "cuda",
+            "--compile",
+            "--dtype",
+            "bf16",
+            "--data",
+            str(tiny_data),
+            "--out",
+            str(run),
+            "--max-steps",
+            "20",
+            "--eval-every",
+            "10",
+            "--sample-every",
+            "10",
+        ]
+    )
+    assert code == 0
+    assert "sample:" in capsys.readouterr().out
+    losses = train_losses(run)
+    assert losses[19] < losses[0]
