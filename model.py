@@ -58,7 +58,7 @@ PRESETS: dict[str, dict] = {
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
     # Small enough to train for a few minutes on a laptop CPU.
-    "tiny": dict(n_layer=4, n_head=4, n_embd=128, block_size=256),
+    "tiny": dict(n_layer=4, n_head=4, n_embd=128, block_size=128),
     "mini": dict(n_layer=6, n_head=6, n_embd=384, block_size=256),
 }
 
@@ -219,13 +219,15 @@ class GPT(nn.Module):
         device_type: str = "cpu", eps: float = 1e-8,
     ) -> torch.optim.AdamW:
         """AdamW with decay on matrices and embeddings (>= 2-D) only; biases and LayerNorm
-        gains are left alone, as decaying them only hurts. Fused kernel on CUDA."""
+        gains are left alone, as decaying them only hurts. Fused kernel on CUDA and CPU."""
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=device_type == "cuda")
+        # the fused kernel is several times faster than the per-tensor loop, on CPUs too
+        fused = device_type in ("cuda", "cpu")
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=fused)
 
     # ---- sampling ----
 

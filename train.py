@@ -69,7 +69,7 @@ class TrainConfig:
         None, "tokens per optimizer step over all processes; gradient accumulation makes up the difference; "
         "default: batch-size * seq-len * world size")
     # optimisation
-    max_steps: int = _flag(500, "optimizer steps to train for")
+    max_steps: int = _flag(300, "optimizer steps to train for")
     lr: float = _flag(1e-3, "peak learning rate")
     min_lr: float | None = _flag(None, "learning rate at the end of the cosine decay; default: lr / 10")
     warmup_steps: int = _flag(20, "steps of linear warm-up from 0 to lr")
@@ -86,7 +86,7 @@ class TrainConfig:
     seed: int = _flag(1337, "random seed (model init, data shuffle, dropout, sampling)")
     # evaluation, samples, logging
     eval_every: int = _flag(100, "validation loss every N steps and at the end (0: never)")
-    eval_tokens: int = _flag(65536, "validation tokens per evaluation, the same tokens whatever the world size")
+    eval_tokens: int = _flag(16384, "validation tokens per evaluation, the same tokens whatever the world size")
     sample_every: int = _flag(0, "print samples every N steps (0: only at the end)")
     sample_prompt: str = _flag("\n", "prompt that samples start from")
     sample_tokens: int = _flag(64, "tokens per sample")
@@ -94,6 +94,7 @@ class TrainConfig:
     hellaswag_every: int = _flag(0, "HellaSwag accuracy every N steps and at the end (0: never)")
     hellaswag_limit: int = _flag(0, "evaluate only the first N HellaSwag examples (0: all)")
     hellaswag_file: str = _flag("", "local HellaSwag JSONL instead of the downloaded validation split")
+    hellaswag_batch_size: int = _flag(16, "HellaSwag items per forward pass (4 rows each)")
     log_every: int = _flag(1, "print a training line every N steps")
     wandb: str = _flag("", "also log to this Weights & Biases project (needs the wandb package)")
     # checkpoints and fault tolerance
@@ -108,7 +109,8 @@ class TrainConfig:
         errors = []
         if self.model not in PRESETS:
             errors.append(f"--model {self.model!r} is not a preset; choose one of: {', '.join(PRESETS)}")
-        for name in ("batch_size", "max_steps", "eval_tokens", "log_every", "pad_vocab", "max_bad_steps"):
+        for name in ("batch_size", "max_steps", "eval_tokens", "log_every", "pad_vocab", "max_bad_steps",
+                     "hellaswag_batch_size"):
             if getattr(self, name) < 1:
                 errors.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "eval_every", "sample_every", "hellaswag_every", "checkpoint_every",
@@ -192,6 +194,9 @@ def setup_distributed(device_arg: str, timeout_min: float) -> tuple[Dist, torch.
             raise ConfigError("--device cuda, but torch sees no CUDA GPU")
         device = torch.device(f"cuda:{d.local_rank}" if device_arg == "cuda" else device_arg)
         torch.cuda.set_device(device)
+        # what stays in fp32 outside autocast (optimizer maths, fp32 runs) may use TF32 tensor cores
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     else:
         device = torch.device(device_arg)
     if d.enabled:
@@ -528,12 +533,19 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> int:
 
     from tokenizer import get_tokenizer
 
-    tokenizer = get_tokenizer(getattr(probe, "tokenizer_name", None) or "gpt2") if d.master else None  # for samples
+    tokenizer = get_tokenizer(getattr(probe, "tokenizer_name", None) or "gpt2")  # for samples and HellaSwag
     hellaswag_examples = None
     if cfg.hellaswag_every:
         import hellaswag
 
-        hellaswag_examples = hellaswag.load_examples(cfg.hellaswag_file or None, cfg.hellaswag_limit or None)
+        def load_hellaswag():
+            return hellaswag.load_examples(cfg.hellaswag_file or None, cfg.hellaswag_limit or None)
+
+        if d.master:  # one download, then the other ranks read the cached file
+            hellaswag_examples = load_hellaswag()
+        d.barrier()
+        if not d.master:
+            hellaswag_examples = load_hellaswag()
 
     def save(step: int) -> Path:
         state = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
@@ -562,8 +574,8 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> int:
                    f"in {time.perf_counter() - t0:.1f}s")
             metrics.log({"type": "eval", "step": step, "val_loss": val_loss})
         if cfg.hellaswag_every and (step % cfg.hellaswag_every == 0 or last_step):
-            result = hellaswag.evaluate(model, hellaswag_examples, device, batch_size=cfg.batch_size,
-                                        rank=d.rank, world_size=d.world_size, autocast_dtype=amp)
+            result = hellaswag.evaluate(model, hellaswag_examples, device, batch_size=cfg.hellaswag_batch_size,
+                                        rank=d.rank, world_size=d.world_size, autocast_dtype=amp, tokenizer=tokenizer)
             print0(f"step {step:6d} | hellaswag acc_norm {result['acc_norm']:.4f} ({result['num_examples']} examples)")
             metrics.log({"type": "hellaswag", "step": step, "hellaswag_acc": result["acc"],
                          "hellaswag_acc_norm": result["acc_norm"], "hellaswag_examples": result["num_examples"]})

@@ -1,0 +1,377 @@
+"""HellaSwag scoring: rendering, batch- and rank-invariance, the Hugging Face path, the download cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import hellaswag
+from hellaswag import HELLASWAG_VAL_EXAMPLES, evaluate, evaluate_one_at_a_time, load_examples, render_example
+from model import GPT, GPTConfig
+from tokenizer import get_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_FILE = ROOT.parent / "shared" / "data" / "hellaswag" / "hellaswag_val_derived.jsonl"
+N_ITEMS = 64  # of the shared file, when present: enough for several batches, quick on a CPU
+
+HANDFUL = [
+    {
+        "ctx": "A man fills a kettle at the sink. He",
+        "endings": [
+            "puts it on the stove and lights the burner.",
+            "throws the kettle into the garden.",
+            "paints the kettle blue.",
+            "sings to the sink.",
+        ],
+        "label": 0,
+    },
+    {
+        "ctx": "A girl ties her running shoes on the porch. She",
+        "endings": ["eats the laces.", "jogs down the street.", "falls asleep in the shoes.", "reads a shoe."],
+        "label": 1,
+    },
+    {
+        "ctx": "Two people carry a canoe to the edge of a lake. They",
+        "endings": ["bury it.", "set it in the water and climb in.", "fold it in half.", "ask it a question."],
+        "label": 1,
+    },
+    {
+        "ctx": "A chef slices onions on a wooden board. The chef",
+        "endings": ["cries into a bucket.", "drives away.", "sweeps the onions into a hot pan.", "plants a tree."],
+        "label": 2,
+    },
+    {
+        "ctx": "A boy kicks a ball against a wall over and over. The ball",
+        "endings": ["turns into a bird.", "melts.", "writes a letter.", "bounces back to his feet each time."],
+        "label": 3,
+    },
+    {
+        "ctx": "A woman opens an umbrella as the rain starts. She",
+        "endings": ["walks on with the umbrella over her head.", "eats the umbrella.", "swims.", "sells the rain."],
+        "label": 0,
+    },
+    {
+        "ctx": "A mechanic slides under a car on a creeper. He",
+        "endings": ["bakes bread.", "loosens the drain plug and the oil runs out.", "flies off.", "counts sheep."],
+        "label": 1,
+    },
+    {
+        "ctx": "A child holds a kite as the wind picks up. The kite",
+        "endings": ["sinks.", "barks.", "is ironed flat.", "lifts into the air and tugs at the string."],
+        "label": 3,
+    },
+]
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory) -> Path:
+    """The shared copy of the validation split when present, else a handful of items written here."""
+    if SHARED_FILE.is_file():
+        return SHARED_FILE
+    path = tmp_path_factory.mktemp("hellaswag") / "handful.jsonl"
+    path.write_text("".join(json.dumps(item) + "\n" for item in HANDFUL))
+    return path
+
+
+@pytest.fixture(scope="module")
+def examples(data_file) -> list[dict]:
+    return load_examples(data_file, limit=N_ITEMS)
+
+
+class FoldedTokenizer:
+    """GPT-2 BPE with ids folded into 1,021: real token counts, but a tiny model's logits stay small."""
+
+    vocab_size = 1021
+
+    def __init__(self):
+        self.gpt2 = get_tokenizer("gpt2")
+
+    def encode(self, text: str) -> list[int]:
+        return [t % self.vocab_size for t in self.gpt2.encode(text)]
+
+
+def tiny_model() -> GPT:
+    # block_size 64 is shorter than some HellaSwag rows (up to 149 tokens): truncation is exercised
+    torch.manual_seed(0)
+    return GPT(GPTConfig(block_size=64, vocab_size=FoldedTokenizer.vocab_size, n_layer=2, n_head=2, n_embd=64))
+
+
+@pytest.fixture(scope="module")
+def folded() -> FoldedTokenizer:
+    return FoldedTokenizer()
+
+
+# ---- rendering ----
+
+
+def test_render_example_appends_each_ending_after_a_space():
+    tok = get_tokenizer("gpt2")
+    example = HANDFUL[0]
+    tokens, mask, label = render_example(example, tok)
+    ctx = tok.encode(example["ctx"])
+    endings = [tok.encode(" " + e) for e in example["endings"]]
+    L = len(ctx) + max(len(e) for e in endings)
+    assert label == 0
+    assert tokens.shape == mask.shape == (4, L)
+    for i, ending in enumerate(endings):
+        n = len(ctx) + len(ending)
+        assert tokens[i, :n].tolist() == ctx + ending
+        assert tokens[i, n:].tolist() == [0] * (L - n)  # right padding
+        assert mask[i].tolist() == [0] * len(ctx) + [1] * len(ending) + [0] * (L - n)
+        assert tok.decode(tokens[i, mask[i] == 1].tolist()) == " " + example["endings"][i]
+    assert tok.decode(tokens[0, : len(ctx)].tolist()) == example["ctx"]
+
+
+def test_rows_longer_than_block_size_lose_context_from_the_left():
+    tok = get_tokenizer("gpt2")
+    example = {"ctx": " ".join(["word"] * 50) + " and then", "endings": ["it ends here."] * 4, "label": 2}
+    ctx, ending = tok.encode(example["ctx"]), tok.encode(" it ends here.")
+    tokens, mask, _ = render_example(example, tok, block_size=20)
+    assert tokens.shape == (4, 20)
+    assert tokens[0].tolist() == ctx[-(20 - len(ending)) :] + ending
+    assert mask[0].tolist() == [0] * (20 - len(ending)) + [1] * len(ending)
+
+
+# ---- scoring ----
+
+
+def test_batched_evaluation_matches_one_at_a_time_loop(examples, folded):
+    model = tiny_model()
+    model.train()
+    batched = evaluate(model, examples, "cpu", batch_size=16, tokenizer=folded)
+    assert model.training  # evaluate hands the model back in the mode it found it
+    reference = evaluate_one_at_a_time(model, examples, "cpu", tokenizer=folded)
+    assert batched == reference
+    assert batched["num_examples"] == len(examples)
+
+
+def test_accuracy_is_the_same_for_batch_size_1_and_32(examples, folded):
+    model = tiny_model()
+    one = evaluate(model, examples, "cpu", batch_size=1, tokenizer=folded)
+    many = evaluate(model, examples, "cpu", batch_size=32, tokenizer=folded)
+    assert one == many
+
+
+def _gloo_rank(rank: int, world_size: int, store: str, weights: str, data_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)  # two processes on a small CPU
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
+    try:
+        model = tiny_model()
+        model.load_state_dict(torch.load(weights))
+        result = evaluate(
+            model,
+            load_examples(data_file, limit=N_ITEMS),
+            "cpu",
+            batch_size=8,
+            rank=rank,
+            world_size=world_size,
+            tokenizer=FoldedTokenizer(),
+        )
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_accuracy_is_the_same_for_one_and_two_gloo_processes(tmp_path, data_file, examples, folded):
+    model = tiny_model()
+    torch.save(model.state_dict(), tmp_path / "weights.pt")
+    single = evaluate(model, examples, "cpu", batch_size=8, tokenizer=folded)
+    torch.multiprocessing.spawn(
+        _gloo_rank,
+        args=(2, str(tmp_path / "store"), str(tmp_path / "weights.pt"), str(data_file), str(tmp_path)),
+        nprocs=2,
+    )
+    for rank in range(2):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == single
+
+
+# ---- Hugging Face models ----
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory) -> Path:
+    """A small random GPT-2 with the real vocabulary, saved the way `save_pretrained` does."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=50257, n_positions=256, n_embd=32, n_layer=2, n_head=2)
+    path = tmp_path_factory.mktemp("hf_gpt2")
+    GPT2LMHeadModel(config).save_pretrained(path)
+    return path
+
+
+def _accuracy_from_hf_logits(hf_model, examples: list[dict]) -> dict:
+    """The definition, written out once more on Hugging Face's own forward pass."""
+    tok = get_tokenizer("gpt2")
+    correct = correct_norm = 0
+    for example in examples:
+        ctx = tok.encode(example["ctx"])
+        sums, means = [], []
+        for ending in example["endings"]:
+            ids = torch.tensor([ctx + tok.encode(" " + ending)])
+            with torch.no_grad():
+                logprobs = hf_model(ids).logits[0, :-1].float().log_softmax(dim=-1)
+            token_logprobs = logprobs.gather(1, ids[0, 1:, None])[len(ctx) - 1 :, 0]
+            sums.append(-token_logprobs.sum())
+            means.append(-token_logprobs.mean())
+        correct += int(torch.stack(sums).argmin()) == example["label"]
+        correct_norm += int(torch.stack(means).argmin()) == example["label"]
+    return {"acc": correct / len(examples), "acc_norm": correct_norm / len(examples), "num_examples": len(examples)}
+
+
+def test_hf_directory_through_cli_matches_from_pretrained(hf_dir, data_file, capsys):
+    from transformers import GPT2LMHeadModel
+
+    limit = 16
+    cli = hellaswag.main(
+        ["--model_type", str(hf_dir), "--device", "cpu", "--data-file", str(data_file), "--limit", str(limit),
+         "--batch-size", "4", "--json"]
+    )  # fmt: skip
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed == cli
+    examples = load_examples(data_file, limit=limit)
+    ours = evaluate(GPT.from_pretrained(str(hf_dir)), examples, "cpu", batch_size=4)
+    assert cli == ours
+    assert ours == _accuracy_from_hf_logits(GPT2LMHeadModel.from_pretrained(hf_dir).eval(), examples)
+
+
+def test_checkpoint_through_cli_matches_evaluate(tmp_path, data_file, capsys):
+    import checkpoint
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=256, n_layer=2, n_head=2, n_embd=32))
+    checkpoint.save_checkpoint(tmp_path / "run", 5, model, {}, {})
+    cli = hellaswag.main(
+        ["--checkpoint", str(tmp_path / "run"), "--device", "cpu", "--data-file", str(data_file), "--limit", "16",
+         "--batch-size", "4"]
+    )  # fmt: skip
+    assert "acc_norm" in capsys.readouterr().out
+    assert cli == evaluate(model, load_examples(data_file, limit=16), "cpu", batch_size=4)
+
+
+@pytest.mark.slow
+def test_cli_under_torchrun_with_two_processes_matches_one(hf_dir, data_file, tmp_path):
+    common = ["--model_type", str(hf_dir), "--device", "cpu", "--data-file", str(data_file), "--limit", "40"]
+    common += ["--batch-size", "4", "--json"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    out = subprocess.run(
+        [*torchrun, str(ROOT / "hellaswag.py"), *common], env=env, capture_output=True,
+        text=True, check=True, cwd=tmp_path,
+    )  # fmt: skip
+    two = json.loads(out.stdout.strip().splitlines()[-1])
+    one = hellaswag.main(common)
+    assert two == one
+
+
+# ---- the download ----
+
+
+class _FakeResponse:
+    """Stands in for a streamed `requests` response: yields chunks, or fails after some of them."""
+
+    def __init__(self, chunks: list[bytes], fail_after: int | None = None):
+        self.chunks, self.fail_after = chunks, fail_after
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        return False
+
+    def raise_for_status(self) -> None:
+        pass
+
+    def iter_content(self, chunk_size: int):
+        import requests
+
+        for i, chunk in enumerate(self.chunks):
+            if i == self.fail_after:
+                raise requests.ConnectionError("connection reset by peer")
+            yield chunk
+
+
+def _official_like_chunks() -> list[bytes]:
+    line = json.dumps({"ctx": "A context.", "endings": ["a.", "b.", "c.", "d."], "label": 1}) + "\n"
+    body = (line * HELLASWAG_VAL_EXAMPLES).encode()
+    return [body[i : i + 65536] for i in range(0, len(body), 65536)]
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("HELLASWAG_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.mark.parametrize("how", ["connection_drops", "body_cut_short"])
+def test_failed_download_leaves_no_cached_file(cache, monkeypatch, how):
+    import requests
+
+    chunks = _official_like_chunks()
+    if how == "connection_drops":
+        response = _FakeResponse(chunks, fail_after=len(chunks) // 2)
+    else:
+        response = _FakeResponse(chunks[: len(chunks) // 2])
+    monkeypatch.setattr(requests, "get", lambda *args, **kwargs: response)
+    with pytest.raises(RuntimeError, match="HINT"):
+        load_examples()
+    assert list(cache.iterdir()) == []  # neither the final name nor a leftover partial file
+
+
+def test_download_is_cached_and_reused(cache, monkeypatch):
+    import requests
+
+    monkeypatch.setattr(requests, "get", lambda *args, **kwargs: _FakeResponse(_official_like_chunks()))
+    assert len(load_examples()) == HELLASWAG_VAL_EXAMPLES
+    assert [p.name for p in cache.iterdir()] == ["hellaswag_val.jsonl"]
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the cached file should have been used")
+
+    monkeypatch.setattr(requests, "get", no_network)
+    assert len(load_examples(limit=10)) == 10
+
+
+# ---- the full split, a compiled model, a GPU ----
+
+
+@pytest.mark.slow
+def test_full_split_batched_matches_one_at_a_time_loop(data_file, folded):
+    examples = load_examples(data_file)
+    model = tiny_model()
+    assert evaluate(model, examples, "cpu", batch_size=64, tokenizer=folded) == evaluate_one_at_a_time(
+        model, examples, "cpu", tokenizer=folded
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    shutil.which("cc") is None and shutil.which("gcc") is None, reason="torch.compile needs a C compiler"
+)
+def test_compiled_model_gives_the_same_accuracy(examples, folded):
+    model = tiny_model()
+    eager = evaluate(model, examples, "cpu", batch_size=8, tokenizer=folded)
+    assert evaluate(torch.compile(model), examples, "cpu", batch_size=8, tokenizer=folded) == eager
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_bf16_compiled_on_gpu_agrees_with_one_at_a_time_loop(data_file):
+    examples = load_examples(data_file, limit=512)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=128)).cuda()
+    bf16 = torch.bfloat16
+    reference = evaluate_one_at_a_time(model, examples, "cuda", autocast_dtype=bf16)
+    batched = evaluate(torch.compile(model), examples, "cuda", batch_size=32, autocast_dtype=bf16)
+    # bf16 rounding differs with the batch shape; a near-tie may flip, but only a few
+    assert abs(batched["acc"] - reference["acc"]) <= 0.01
+    assert abs(batched["acc_norm"] - reference["acc_norm"]) <= 0.01
