@@ -28,8 +28,17 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench_one(preset: str, batch_size: int, seq_len: int, steps: int, warmup: int, device: torch.device,
-              dtype: str, use_compile: bool, grad_accum: int = 1) -> dict:
+def bench_one(
+    preset: str,
+    batch_size: int,
+    seq_len: int,
+    steps: int,
+    warmup: int,
+    device: torch.device,
+    dtype: str,
+    use_compile: bool,
+    grad_accum: int = 1,
+) -> dict:
     torch.manual_seed(0)
     model = GPT(config_from_preset(preset, pad_vocab_to=64)).to(device)
     optimizer = model.configure_optimizers(0.1, 6e-4, device_type=device.type)
@@ -67,10 +76,15 @@ def bench_one(preset: str, batch_size: int, seq_len: int, steps: int, warmup: in
     tokens_per_sec = tokens / step_s
     peak = peak_flops(device)
     return {
-        "model": preset, "batch_size": batch_size, "seq_len": seq_len, "grad_accum": grad_accum,
+        "model": preset,
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "grad_accum": grad_accum,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
-        "dtype": str(amp).replace("torch.", "") if amp else "fp32", "compile": use_compile,
-        "step_ms": round(step_s * 1000, 2), "tokens_per_sec": round(tokens_per_sec),
+        "dtype": str(amp).replace("torch.", "") if amp else "fp32",
+        "compile": use_compile,
+        "step_ms": round(step_s * 1000, 2),
+        "tokens_per_sec": round(tokens_per_sec),
         "mfu": round(model.flops_per_token(seq_len) * tokens_per_sec / peak, 4) if peak else None,
         "peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
         "first_step_s": round(first_step_s, 2),
@@ -86,8 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="autocast dtype")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                        help="torch.compile the model (default: on for CUDA)")
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile the model (default: on for CUDA)",
+    )
     parser.add_argument("--json", action="store_true", help="one JSON object per configuration instead of a table")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 1:
@@ -99,8 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     for preset in args.model:
         for batch_size in args.batch_size:
             try:
-                result = bench_one(preset, batch_size, args.seq_len, args.steps, args.warmup, device, args.dtype,
-                                   use_compile)
+                result = bench_one(
+                    preset, batch_size, args.seq_len, args.steps, args.warmup, device, args.dtype, use_compile
+                )
             except torch.OutOfMemoryError:
                 result = {"model": preset, "batch_size": batch_size, "seq_len": args.seq_len, "error": "out of memory"}
                 torch.cuda.empty_cache()
@@ -111,9 +130,12 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 mfu = f"{100 * result['mfu']:.1f}%" if result["mfu"] is not None else "-"
                 mem = f"{result['peak_mem_gib']} GiB" if result["peak_mem_gib"] is not None else "-"
-                print(f"{preset:12s} B={batch_size:3d} T={args.seq_len} {result['dtype']:8s} compile={use_compile!s:5s} "
-                      f"{result['step_ms']:9.1f} ms/step {result['tokens_per_sec']:10,d} tok/s  MFU {mfu:>6s}  "
-                      f"peak mem {mem}  first step {result['first_step_s']} s", flush=True)
+                print(
+                    f"{preset:12s} B={batch_size:3d} T={args.seq_len} {result['dtype']:8s} compile={use_compile!s:5s} "
+                    f"{result['step_ms']:9.1f} ms/step {result['tokens_per_sec']:10,d} tok/s  MFU {mfu:>6s}  "
+                    f"peak mem {mem}  first step {result['first_step_s']} s",
+                    flush=True,
+                )
     return 0
 
 

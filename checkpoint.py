@@ -104,9 +104,13 @@ def capture_rng_state() -> dict:
     state = {
         "python": random.getstate(),
         # NumPy's state holds an ndarray, which weights_only loading refuses: store a list
-        "numpy": {"bit_generator": np_state["bit_generator"], "key": np_state["state"]["key"].tolist(),
-                  "pos": int(np_state["state"]["pos"]), "has_gauss": np_state["has_gauss"],
-                  "gauss": float(np_state["gauss"])},
+        "numpy": {
+            "bit_generator": np_state["bit_generator"],
+            "key": np_state["state"]["key"].tolist(),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": np_state["has_gauss"],
+            "gauss": float(np_state["gauss"]),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -117,9 +121,14 @@ def capture_rng_state() -> dict:
 def restore_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     n = state["numpy"]
-    np.random.set_state({"bit_generator": n["bit_generator"],
-                         "state": {"key": np.array(n["key"], dtype=np.uint32), "pos": n["pos"]},
-                         "has_gauss": n["has_gauss"], "gauss": n["gauss"]})
+    np.random.set_state(
+        {
+            "bit_generator": n["bit_generator"],
+            "state": {"key": np.array(n["key"], dtype=np.uint32), "pos": n["pos"]},
+            "has_gauss": n["has_gauss"],
+            "gauss": n["gauss"],
+        }
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -143,8 +152,14 @@ def checkpoint_name(step: int) -> str:
 
 
 def save_checkpoint(
-    run_dir: Path, step: int, model: torch.nn.Module, train_state: dict, meta: dict,
-    rank: int = 0, world_size: int = 1, barrier=lambda: None,
+    run_dir: Path,
+    step: int,
+    model: torch.nn.Module,
+    train_state: dict,
+    meta: dict,
+    rank: int = 0,
+    world_size: int = 1,
+    barrier=lambda: None,
 ) -> Path:
     """Write the checkpoint holding the state before `step`. Every rank calls this (each
     saves its RNG state); rank 0 writes the rest and publishes it. Raises CheckpointError on
@@ -176,8 +191,14 @@ def save_checkpoint(
             for p in sorted(tmp.iterdir()):
                 _fsync_file(p)
                 files[p.name] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-            full_meta = {**meta, "format_version": FORMAT_VERSION, "step": step, "world_size": world_size,
-                         "model_config": unwrap_model(model).config.to_dict(), "files": files}
+            full_meta = {
+                **meta,
+                "format_version": FORMAT_VERSION,
+                "step": step,
+                "world_size": world_size,
+                "model_config": unwrap_model(model).config.to_dict(),
+                "files": files,
+            }
             write_text_atomic(tmp / "meta.json", json.dumps(full_meta, indent=2))
             if final.exists():  # a checkpoint of the same step from an earlier attempt
                 shutil.rmtree(final)
@@ -270,17 +291,19 @@ def resolve_checkpoint(path: str | Path, warn=print) -> Checkpoint:
 def is_checkpoint_path(path: str | Path) -> bool:
     """True for one of our checkpoint directories or a run directory holding some."""
     path = Path(path)
-    return (path / "meta.json").is_file() and CKPT_DIR_RE.match(path.name) is not None or bool(
-        list_checkpoint_dirs(path)
+    return (
+        (path / "meta.json").is_file() and CKPT_DIR_RE.match(path.name) is not None or bool(list_checkpoint_dirs(path))
     )
 
 
 def load_model_weights(ckpt: Checkpoint, model: GPT) -> None:
     expected = model.config.to_dict()
     saved = ckpt.meta["model_config"]
-    diffs = [f"{k}: checkpoint {saved.get(k)!r}, this run {expected[k]!r}"
-             for k in ("vocab_size", "pad_vocab_to", "n_layer", "n_head", "n_embd", "block_size", "bias")
-             if saved.get(k) != expected[k]]
+    diffs = [
+        f"{k}: checkpoint {saved.get(k)!r}, this run {expected[k]!r}"
+        for k in ("vocab_size", "pad_vocab_to", "n_layer", "n_head", "n_embd", "block_size", "bias")
+        if saved.get(k) != expected[k]
+    ]
     if diffs:
         raise CheckpointError(f"{ckpt.path} was made for another model shape: " + "; ".join(diffs))
     sd = load_file(str(ckpt.path / "model.safetensors"))

@@ -88,9 +88,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         # SDPA picks flash / memory-efficient / cuDNN kernels where the device has them
-        y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
-        )
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -215,8 +213,12 @@ class GPT(nn.Module):
     # ---- optimisation ----
 
     def configure_optimizers(
-        self, weight_decay: float, learning_rate: float, betas: tuple[float, float] = (0.9, 0.95),
-        device_type: str = "cpu", eps: float = 1e-8,
+        self,
+        weight_decay: float,
+        learning_rate: float,
+        betas: tuple[float, float] = (0.9, 0.95),
+        device_type: str = "cpu",
+        eps: float = 1e-8,
     ) -> torch.optim.AdamW:
         """AdamW with decay on matrices and embeddings (>= 2-D) only; biases and LayerNorm
         gains are left alone, as decaying them only hurts. Fused kernel on CUDA and CPU."""
@@ -233,7 +235,11 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(
-        self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Append max_new_tokens sampled tokens to idx (B, T). Reproducible with a seeded generator
@@ -268,8 +274,14 @@ class GPT(nn.Module):
         hf = GPT2LMHeadModel.from_pretrained(name_or_path)
         hc = hf.config
         config = GPTConfig(
-            block_size=hc.n_positions, vocab_size=hc.vocab_size, n_layer=hc.n_layer, n_head=hc.n_head,
-            n_embd=hc.n_embd, dropout=dropout, bias=True, pad_vocab_to=pad_vocab_to,
+            block_size=hc.n_positions,
+            vocab_size=hc.vocab_size,
+            n_layer=hc.n_layer,
+            n_head=hc.n_head,
+            n_embd=hc.n_embd,
+            dropout=dropout,
+            bias=True,
+            pad_vocab_to=pad_vocab_to,
         )
         if getattr(hc, "activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
             raise ValueError(f"{name_or_path}: activation {hc.activation_function!r} is not GPT-2's tanh GELU")
@@ -307,8 +319,15 @@ class GPT(nn.Module):
         if not cfg.bias:
             raise ValueError("Hugging Face GPT-2 has biases everywhere; a bias=False model cannot be exported")
         hc = GPT2Config(
-            vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
-            n_head=cfg.n_head, activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+            vocab_size=cfg.vocab_size,
+            n_positions=cfg.block_size,
+            n_embd=cfg.n_embd,
+            n_layer=cfg.n_layer,
+            n_head=cfg.n_head,
+            activation_function="gelu_new",
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
             # GPT-2's end-of-text id, where the vocabulary is GPT-2's
             bos_token_id=50256 if cfg.vocab_size > 50256 else None,
             eos_token_id=50256 if cfg.vocab_size > 50256 else None,

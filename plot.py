@@ -1,6 +1,6 @@
 """Draw training and validation loss of one or more runs into a PNG (needs matplotlib).
 
-    python plot.py runs/a runs/b --output losses.png      # or: python train.py --plot runs/a runs/b
+python plot.py runs/a runs/b --output losses.png      # or: python train.py --plot runs/a runs/b
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         train, val = read_metrics(run)
         if train:
-            line, = ax.plot(*zip(*train), alpha=0.6, label=f"{run.name} train")
+            (line,) = ax.plot(*zip(*train), alpha=0.6, label=f"{run.name} train")
             if val:
                 ax.plot(*zip(*val), "o-", color=line.get_color(), label=f"{run.name} val")
     ax.set_xlabel("step")

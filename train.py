@@ -66,8 +66,10 @@ class TrainConfig:
     batch_size: int = _flag(8, "micro-batch size per process (sequences)")
     seq_len: int | None = _flag(None, "tokens per sequence; default: the model's block size")
     total_batch_size: int | None = _flag(
-        None, "tokens per optimizer step over all processes; gradient accumulation makes up the difference; "
-        "default: batch-size * seq-len * world size")
+        None,
+        "tokens per optimizer step over all processes; gradient accumulation makes up the difference; "
+        "default: batch-size * seq-len * world size",
+    )
     # optimisation
     max_steps: int = _flag(300, "optimizer steps to train for")
     lr: float = _flag(1e-3, "peak learning rate")
@@ -79,8 +81,11 @@ class TrainConfig:
     grad_clip: float = _flag(1.0, "clip the global gradient norm to this (0: no clipping)")
     shuffle: bool = _flag(False, "shuffle the order of training chunks every epoch (seeded)")
     # precision and speed
-    dtype: str = _flag("auto", "bf16, fp16 (with a grad scaler, CUDA) or fp32; auto: bf16 where supported, else fp32",
-                       choices=["auto", "bf16", "fp16", "fp32"])
+    dtype: str = _flag(
+        "auto",
+        "bf16, fp16 (with a grad scaler, CUDA) or fp32; auto: bf16 where supported, else fp32",
+        choices=["auto", "bf16", "fp16", "fp32"],
+    )
     compile: bool | None = _flag(None, "torch.compile the model; default: on for CUDA, off elsewhere")
     device: str = _flag("auto", "cuda, mps, cpu, or auto (the best present)")
     seed: int = _flag(1337, "random seed (model init, data shuffle, dropout, sampling)")
@@ -101,7 +106,9 @@ class TrainConfig:
     checkpoint_every: int = _flag(250, "save a checkpoint every N steps (0: only at the end and on signals)")
     keep_last: int = _flag(2, "keep the newest N checkpoints")
     keep_every: int = _flag(0, "also keep every checkpoint whose step is a multiple of N (0: none)")
-    resume: str = _flag("auto", "auto: continue from the newest usable checkpoint in --out; never; or a checkpoint path")
+    resume: str = _flag(
+        "auto", "auto: continue from the newest usable checkpoint in --out; never; or a checkpoint path"
+    )
     max_bad_steps: int = _flag(5, "stop after this many consecutive steps with a non-finite loss or gradient norm")
     dist_timeout_min: float = _flag(10.0, "minutes a collective may wait before a hung rank becomes an error")
 
@@ -109,12 +116,29 @@ class TrainConfig:
         errors = []
         if self.model not in PRESETS:
             errors.append(f"--model {self.model!r} is not a preset; choose one of: {', '.join(PRESETS)}")
-        for name in ("batch_size", "max_steps", "eval_tokens", "log_every", "pad_vocab", "max_bad_steps",
-                     "hellaswag_batch_size"):
+        for name in (
+            "batch_size",
+            "max_steps",
+            "eval_tokens",
+            "log_every",
+            "pad_vocab",
+            "max_bad_steps",
+            "hellaswag_batch_size",
+        ):
             if getattr(self, name) < 1:
                 errors.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_every", "sample_every", "hellaswag_every", "checkpoint_every",
-                     "keep_last", "keep_every", "hellaswag_limit", "grad_clip", "weight_decay"):
+        for name in (
+            "warmup_steps",
+            "eval_every",
+            "sample_every",
+            "hellaswag_every",
+            "checkpoint_every",
+            "keep_last",
+            "keep_every",
+            "hellaswag_limit",
+            "grad_clip",
+            "weight_decay",
+        ):
             if getattr(self, name) < 0:
                 errors.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         for name in ("seq_len", "total_batch_size", "n_layer", "n_head", "n_embd"):
@@ -201,8 +225,11 @@ def setup_distributed(device_arg: str, timeout_min: float) -> tuple[Dist, torch.
         device = torch.device(device_arg)
     if d.enabled:
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_min),
-                                **({"device_id": device} if backend == "nccl" else {}))
+        dist.init_process_group(
+            backend=backend,
+            timeout=datetime.timedelta(minutes=timeout_min),
+            **({"device_id": device} if backend == "nccl" else {}),
+        )
     return d, device
 
 
@@ -307,15 +334,24 @@ class StopSignal:
 
 def run_metadata(cfg: TrainConfig, d: Dist, device: torch.device) -> dict:
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                                cwd=Path(__file__).parent).stdout.strip() or None
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         commit = None
     return {
-        "type": "run", "time": datetime.datetime.now().isoformat(timespec="seconds"), "git_commit": commit,
-        "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+        "type": "run",
+        "time": datetime.datetime.now().isoformat(timespec="seconds"),
+        "git_commit": commit,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
-        "world_size": d.world_size, "config": dataclasses.asdict(cfg),
+        "world_size": d.world_size,
+        "config": dataclasses.asdict(cfg),
     }
 
 
@@ -333,8 +369,9 @@ def fault_injection(name: str, step: int, rank: int) -> bool:
 
 
 @torch.no_grad()
-def evaluate_val_loss(model, val_loader: ShardedDataLoader, n_chunks: int, d: Dist, device: torch.device,
-                      amp: torch.dtype | None) -> float:
+def evaluate_val_loss(
+    model, val_loader: ShardedDataLoader, n_chunks: int, d: Dist, device: torch.device, amp: torch.dtype | None
+) -> float:
     """Mean loss over the same n_chunks validation chunks whatever the world size: rank r
     takes chunks r, r+W, ...; loss sums and token counts are added across ranks."""
     model.eval()
@@ -357,8 +394,9 @@ def autocast_context(device: torch.device, amp: torch.dtype | None):
 
 
 @torch.no_grad()
-def sample_texts(model: GPT, tokenizer, cfg: TrainConfig, device: torch.device, seed: int,
-                 amp: torch.dtype | None) -> list[str]:
+def sample_texts(
+    model: GPT, tokenizer, cfg: TrainConfig, device: torch.device, seed: int, amp: torch.dtype | None
+) -> list[str]:
     model.eval()
     prompt = tokenizer.encode(cfg.sample_prompt) or [tokenizer.eot_id]
     idx = torch.tensor([prompt] * cfg.num_samples, dtype=torch.long, device=device)
@@ -394,13 +432,16 @@ def build_model(cfg: TrainConfig, vocab_size: int, print0) -> GPT:
             print0(f"initialising weights from Hugging Face {cfg.init_from}")
             model = GPT.from_pretrained(cfg.init_from, pad_vocab_to=cfg.pad_vocab, dropout=cfg.dropout)
         if model.config.vocab_size != vocab_size:
-            raise ConfigError(f"--init-from {cfg.init_from} has a vocabulary of {model.config.vocab_size}, "
-                              f"the data {vocab_size}: they must be tokenized alike")
+            raise ConfigError(
+                f"--init-from {cfg.init_from} has a vocabulary of {model.config.vocab_size}, "
+                f"the data {vocab_size}: they must be tokenized alike"
+            )
         return model
     overrides = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd") if getattr(cfg, k) is not None}
     try:
-        model_cfg = config_from_preset(cfg.model, vocab_size=vocab_size, dropout=cfg.dropout,
-                                       pad_vocab_to=cfg.pad_vocab, **overrides)
+        model_cfg = config_from_preset(
+            cfg.model, vocab_size=vocab_size, dropout=cfg.dropout, pad_vocab_to=cfg.pad_vocab, **overrides
+        )
     except ValueError as e:
         raise ConfigError(str(e)) from e
     return GPT(model_cfg)
@@ -415,7 +456,8 @@ def check_batch_arithmetic(cfg: TrainConfig, seq_len: int, block_size: int, d: D
     if total % per_micro_step:
         raise ConfigError(
             f"--total-batch-size {total} is not divisible by batch-size * seq-len * world size = "
-            f"{cfg.batch_size} * {seq_len} * {d.world_size} = {per_micro_step}")
+            f"{cfg.batch_size} * {seq_len} * {d.world_size} = {per_micro_step}"
+        )
     return total // per_micro_step
 
 
@@ -462,23 +504,47 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> int:
     seq_len = cfg.seq_len or model.config.block_size
     grad_accum = check_batch_arithmetic(cfg, seq_len, model.config.block_size, d)
     tokens_per_step = cfg.batch_size * seq_len * d.world_size * grad_accum
-    train_loader = ShardedDataLoader(data_dir, "train", cfg.batch_size, seq_len, d.rank, d.world_size,
-                                     shuffle=cfg.shuffle, seed=cfg.seed, pin_memory=device.type == "cuda")
-    val_loader = ShardedDataLoader(data_dir, "val", cfg.batch_size, seq_len, d.rank, d.world_size)
-    val_chunks = min(val_loader.num_chunks(), max(1, cfg.eval_tokens // (cfg.batch_size * seq_len)))
-    if cfg.eval_every and val_loader.num_chunks() == 0:
-        raise ConfigError(f"the validation split of {data_dir} has fewer than batch-size * seq-len + 1 tokens")
-    if train_loader.num_chunks() < d.world_size:
-        raise ConfigError(f"the training split of {data_dir} is smaller than one step of one micro-batch per rank")
+    train_loader = ShardedDataLoader(
+        data_dir,
+        "train",
+        cfg.batch_size,
+        seq_len,
+        d.rank,
+        d.world_size,
+        shuffle=cfg.shuffle,
+        seed=cfg.seed,
+        pin_memory=device.type == "cuda",
+        chunks_per_step=d.world_size * grad_accum,
+    )
+    val_loader, val_chunks = None, 0
+    if cfg.eval_every:
+        val_loader = ShardedDataLoader(data_dir, "val", cfg.batch_size, seq_len, d.rank, d.world_size)
+        if val_loader.num_chunks() == 0:
+            raise ConfigError(
+                f"the validation split of {data_dir} has fewer than batch-size * seq-len + 1 tokens; "
+                "lower them, prepare a larger validation split, or pass --eval-every 0"
+            )
+        val_chunks = min(val_loader.num_chunks(), max(1, cfg.eval_tokens // (cfg.batch_size * seq_len)))
+    if train_loader.num_chunks() < d.world_size * grad_accum:
+        raise ConfigError(
+            f"the training split of {data_dir} ({train_loader.num_tokens:,} tokens) is smaller than "
+            f"one step ({tokens_per_step:,} tokens)"
+        )
 
     out_dir = Path(cfg.out or Path("runs") / data_dir.name)
-    print0(f"run directory {out_dir}; {d.world_size} process(es) on {device}, "
-           f"autocast {amp or 'off (fp32)'}, compile {use_compile}")
-    print0(f"model: {model.num_params() / 1e6:.2f}M parameters (non-embedding), vocab {vocab_size} "
-           f"(padded to {model.config.padded_vocab_size}), block {model.config.block_size}")
-    print0(f"batch: {cfg.batch_size} seqs x {seq_len} tokens x {d.world_size} ranks x {grad_accum} accumulation "
-           f"= {tokens_per_step:,} tokens per step; {cfg.max_steps} steps = {tokens_per_step * cfg.max_steps:,} "
-           f"tokens; train split {train_loader.num_tokens:,} tokens")
+    print0(
+        f"run directory {out_dir}; {d.world_size} process(es) on {device}, "
+        f"autocast {amp or 'off (fp32)'}, compile {use_compile}"
+    )
+    print0(
+        f"model: {model.num_params() / 1e6:.2f}M parameters (non-embedding), vocab {vocab_size} "
+        f"(padded to {model.config.padded_vocab_size}), block {model.config.block_size}"
+    )
+    print0(
+        f"batch: {cfg.batch_size} seqs x {seq_len} tokens x {d.world_size} ranks x {grad_accum} accumulation "
+        f"= {tokens_per_step:,} tokens per step; {cfg.max_steps} steps = {tokens_per_step * cfg.max_steps:,} "
+        f"tokens; train split {train_loader.num_tokens:,} tokens"
+    )
 
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), device.type)
     scaler = torch.amp.GradScaler("cuda", enabled=amp is torch.float16)
@@ -502,8 +568,10 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> int:
             ckpt_lib.restore_rng_state(rng)
         else:
             torch.manual_seed(cfg.seed + d.rank)
-        print0(f"resumed from {resume_from.path} (step {start_step}, saved by {resume_from.meta['world_size']} "
-               f"process(es))")
+        print0(
+            f"resumed from {resume_from.path} (step {start_step}, saved by {resume_from.meta['world_size']} "
+            f"process(es))"
+        )
     else:
         torch.manual_seed(cfg.seed + d.rank)  # dropout differs per rank
 
@@ -525,15 +593,16 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> int:
             import wandb
         except ImportError as e:
             raise ConfigError("--wandb needs the wandb package: pip install wandb") from e
-        wandb_run = wandb.init(project=cfg.wandb, config=dataclasses.asdict(cfg), resume="allow",
-                               id=out_dir.resolve().name)
+        wandb_run = wandb.init(
+            project=cfg.wandb, config=dataclasses.asdict(cfg), resume="allow", id=out_dir.resolve().name
+        )
     metrics = MetricsLog(out_dir / "metrics.jsonl", d.master, wandb_run)
     metrics.truncate_from(start_step)
     metrics.log({**run_metadata(cfg, d, device), "resumed_from_step": start_step if resume_from else None})
 
     from tokenizer import get_tokenizer
 
-    tokenizer = get_tokenizer(getattr(probe, "tokenizer_name", None) or "gpt2")  # for samples and HellaSwag
+    tokenizer = get_tokenizer(probe.tokenizer_name or "gpt2")  # for samples and HellaSwag
     hellaswag_examples = None
     if cfg.hellaswag_every:
         import hellaswag
@@ -548,11 +617,22 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> int:
             hellaswag_examples = load_hellaswag()
 
     def save(step: int) -> Path:
-        state = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                 "train_loader": train_loader.state_dict(), "tokens_seen": tokens_seen}
-        path = ckpt_lib.save_checkpoint(out_dir, step, raw_model, state,
-                                        {"config": dataclasses.asdict(cfg), "tokens_seen": tokens_seen},
-                                        d.rank, d.world_size, d.barrier)
+        state = {
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(),
+            "train_loader": train_loader.state_dict(),
+            "tokens_seen": tokens_seen,
+        }
+        path = ckpt_lib.save_checkpoint(
+            out_dir,
+            step,
+            raw_model,
+            state,
+            {"config": dataclasses.asdict(cfg), "tokens_seen": tokens_seen},
+            d.rank,
+            d.world_size,
+            d.barrier,
+        )
         if d.master:
             ckpt_lib.prune_checkpoints(out_dir, cfg.keep_last, cfg.keep_every)
         print0(f"saved checkpoint {path}")
@@ -570,15 +650,32 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> int:
         if cfg.eval_every and (step % cfg.eval_every == 0 or last_step):
             t0 = time.perf_counter()
             val_loss = evaluate_val_loss(model, val_loader, val_chunks, d, device, amp)
-            print0(f"step {step:6d} | val loss {val_loss:.4f} | {val_chunks * cfg.batch_size * seq_len:,} tokens "
-                   f"in {time.perf_counter() - t0:.1f}s")
+            print0(
+                f"step {step:6d} | val loss {val_loss:.4f} | {val_chunks * cfg.batch_size * seq_len:,} tokens "
+                f"in {time.perf_counter() - t0:.1f}s"
+            )
             metrics.log({"type": "eval", "step": step, "val_loss": val_loss})
         if cfg.hellaswag_every and (step % cfg.hellaswag_every == 0 or last_step):
-            result = hellaswag.evaluate(model, hellaswag_examples, device, batch_size=cfg.hellaswag_batch_size,
-                                        rank=d.rank, world_size=d.world_size, autocast_dtype=amp, tokenizer=tokenizer)
+            result = hellaswag.evaluate(
+                model,
+                hellaswag_examples,
+                device,
+                batch_size=cfg.hellaswag_batch_size,
+                rank=d.rank,
+                world_size=d.world_size,
+                autocast_dtype=amp,
+                tokenizer=tokenizer,
+            )
             print0(f"step {step:6d} | hellaswag acc_norm {result['acc_norm']:.4f} ({result['num_examples']} examples)")
-            metrics.log({"type": "hellaswag", "step": step, "hellaswag_acc": result["acc"],
-                         "hellaswag_acc_norm": result["acc_norm"], "hellaswag_examples": result["num_examples"]})
+            metrics.log(
+                {
+                    "type": "hellaswag",
+                    "step": step,
+                    "hellaswag_acc": result["acc"],
+                    "hellaswag_acc_norm": result["acc_norm"],
+                    "hellaswag_examples": result["num_examples"],
+                }
+            )
         if cfg.sample_every and step > start_step and step % cfg.sample_every == 0 and d.master:
             # the uncompiled module: generation grows the sequence every token, which would recompile
             for text in sample_texts(raw_model, tokenizer, cfg, device, cfg.seed, amp):
@@ -634,21 +731,36 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> int:
         step_ms_avg = dt * 1000 if step <= start_step + 1 else 0.9 * step_ms_avg + 0.1 * dt * 1000
         tokens_per_sec = tokens_per_step / dt
         mfu = flops_per_token * tokens_per_sec / (peak * d.world_size) if peak else None
-        record = {"type": "train", "step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm_value,
-                  "tokens_per_sec": tokens_per_sec, "mfu": mfu, "ms": dt * 1000, "tokens_seen": tokens_seen}
+        record = {
+            "type": "train",
+            "step": step,
+            "loss": loss_value,
+            "lr": lr,
+            "grad_norm": grad_norm_value,
+            "tokens_per_sec": tokens_per_sec,
+            "mfu": mfu,
+            "ms": dt * 1000,
+            "tokens_seen": tokens_seen,
+        }
         if not finite:
             record["skipped"] = True
-            print0(f"step {step:6d} | non-finite loss {loss_value} or grad norm {grad_norm_value}: update skipped "
-                   f"({bad_steps} in a row, limit {cfg.max_bad_steps})")
+            print0(
+                f"step {step:6d} | non-finite loss {loss_value} or grad norm {grad_norm_value}: update skipped "
+                f"({bad_steps} in a row, limit {cfg.max_bad_steps})"
+            )
         metrics.log(record)
         if step % cfg.log_every == 0 or last_step:
             eta_s = (cfg.max_steps - step - 1) * step_ms_avg / 1000
             mfu_text = f"{100 * mfu:5.1f}%" if mfu is not None else "    -"
-            print0(f"step {step:6d} | loss {loss_value:.4f} | lr {lr:.2e} | norm {grad_norm_value:6.3f} | "
-                   f"{dt * 1000:7.1f} ms | {tokens_per_sec:10,.0f} tok/s | mfu {mfu_text} | eta {eta_s / 60:.1f} min")
+            print0(
+                f"step {step:6d} | loss {loss_value:.4f} | lr {lr:.2e} | norm {grad_norm_value:6.3f} | "
+                f"{dt * 1000:7.1f} ms | {tokens_per_sec:10,.0f} tok/s | mfu {mfu_text} | eta {eta_s / 60:.1f} min"
+            )
         if bad_steps >= cfg.max_bad_steps:
-            print0(f"error: {bad_steps} consecutive steps had a non-finite loss or gradient norm; stopping. The last "
-                   f"good checkpoint in {out_dir / 'checkpoints'} is intact. HINT: lower --lr or check the data.")
+            print0(
+                f"error: {bad_steps} consecutive steps had a non-finite loss or gradient norm; stopping. The last "
+                f"good checkpoint in {out_dir / 'checkpoints'} is intact. HINT: lower --lr or check the data."
+            )
             metrics.close()
             return EXIT_NONFINITE
 

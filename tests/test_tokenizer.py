@@ -3,6 +3,14 @@ import pytest
 import tokenizer
 
 
+@pytest.fixture
+def fresh_cache():
+    """get_tokenizer caches what it loads; these tests must see it load again."""
+    tokenizer.get_tokenizer.cache_clear()
+    yield
+    tokenizer.get_tokenizer.cache_clear()
+
+
 @pytest.fixture(scope="module")
 def gpt2():
     return tokenizer.get_tokenizer("gpt2")
@@ -28,7 +36,7 @@ def test_literal_end_of_text_string_is_plain_text(gpt2):
     assert gpt2.decode(ids) == "a <|endoftext|> b"
 
 
-def test_works_offline_from_packaged_files(monkeypatch, tmp_path):
+def test_works_offline_from_packaged_files(monkeypatch, tmp_path, fresh_cache):
     # an empty tiktoken cache and no network: the packaged copy must be used
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty-cache"))
 
@@ -48,7 +56,7 @@ def test_packaged_files_checked_against_tiktoken_hashes():
     assert tokenizer._sha256(encoder) == tokenizer.GPT2_ENCODER_JSON_SHA256
 
 
-def test_missing_files_give_a_clear_error(monkeypatch, tmp_path):
+def test_missing_files_give_a_clear_error(monkeypatch, tmp_path, fresh_cache):
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty-cache"))
     monkeypatch.setattr(tokenizer, "packaged_gpt2_files", lambda: None)
 

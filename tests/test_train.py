@@ -148,8 +148,17 @@ def test_compiled_bf16_run_on_gpu_with_eval_and_samples(tiny_data, tmp_path, cap
 def test_compiled_run_matches_eager_loss_curve(tiny_data, tmp_path):
     """The optimised path (torch.compile) trains like the plain one: same seed, same data,
     losses within a small tolerance over a couple of hundred steps."""
-    common = [*[a for a in TINY if a != "--no-compile"], "--data", str(tiny_data), "--max-steps", "200",
-              "--eval-every", "0", "--checkpoint-every", "0"]
+    common = [
+        *[a for a in TINY if a != "--no-compile"],
+        "--data",
+        str(tiny_data),
+        "--max-steps",
+        "200",
+        "--eval-every",
+        "0",
+        "--checkpoint-every",
+        "0",
+    ]
     assert train.main([*common, "--out", str(tmp_path / "eager"), "--no-compile"]) == 0
     assert train.main([*common, "--out", str(tmp_path / "compiled"), "--compile"]) == 0
     eager, compiled = train_losses(tmp_path / "eager"), train_losses(tmp_path / "compiled")
@@ -160,13 +169,36 @@ def test_compiled_run_matches_eager_loss_curve(tiny_data, tmp_path):
 
 
 def test_hellaswag_in_the_loop_logs_accuracy(tiny_data, tmp_path):
-    items = [{"ctx": f"A man opens the door number {i} and", "label": i % 4,
-              "endings": ["walks in.", "sings a song.", "closes it again.", "looks at the sky."]} for i in range(6)]
+    items = [
+        {
+            "ctx": f"A man opens the door number {i} and",
+            "label": i % 4,
+            "endings": ["walks in.", "sings a song.", "closes it again.", "looks at the sky."],
+        }
+        for i in range(6)
+    ]
     data_file = tmp_path / "hellaswag.jsonl"
     data_file.write_text("".join(json.dumps(item) + "\n" for item in items))
     run = tmp_path / "run"
-    code = train.main([*TINY, "--data", str(tiny_data), "--out", str(run), "--max-steps", "4", "--hellaswag-every", "2",
-                       "--hellaswag-file", str(data_file), "--hellaswag-limit", "5", "--eval-every", "0"])
+    code = train.main(
+        [
+            *TINY,
+            "--data",
+            str(tiny_data),
+            "--out",
+            str(run),
+            "--max-steps",
+            "4",
+            "--hellaswag-every",
+            "2",
+            "--hellaswag-file",
+            str(data_file),
+            "--hellaswag-limit",
+            "5",
+            "--eval-every",
+            "0",
+        ]
+    )
     assert code == 0
     records = [r for r in read_metrics(run) if r["type"] == "hellaswag"]
     assert [r["step"] for r in records] == [0, 2, 3]

