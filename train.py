@@ -38,6 +38,8 @@ import torch.distributed as dist
 import checkpoint as ckpt_lib
 from dataloader import DataError, ShardedDataLoader
 from model import GPT, PRESETS, config_from_preset
+from prepare_data import DataPrepError
+from tokenizer import TokenizerError, get_tokenizer
 
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_NONFINITE, EXIT_PREEMPTED = 0, 1, 2, 3, 75
 DEFAULT_CORPUS = "tinyshakespeare"
@@ -481,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"[rank {d.rank}] error: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    except (DataError, ckpt_lib.CheckpointError) as e:
+    except (DataError, DataPrepError, ckpt_lib.CheckpointError, TokenizerError) as e:
         print(f"[rank {d.rank}] error: {e}", file=sys.stderr)
         return EXIT_ERROR
     finally:
@@ -599,8 +601,6 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> int:
     metrics = MetricsLog(out_dir / "metrics.jsonl", d.master, wandb_run)
     metrics.truncate_from(start_step)
     metrics.log({**run_metadata(cfg, d, device), "resumed_from_step": start_step if resume_from else None})
-
-    from tokenizer import get_tokenizer
 
     tokenizer = get_tokenizer(probe.tokenizer_name or "gpt2")  # for samples and HellaSwag
     hellaswag_examples = None

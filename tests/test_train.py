@@ -203,3 +203,34 @@ def test_hellaswag_in_the_loop_logs_accuracy(tiny_data, tmp_path):
     records = [r for r in read_metrics(run) if r["type"] == "hellaswag"]
     assert [r["step"] for r in records] == [0, 2, 3]
     assert all(r["hellaswag_examples"] == 5 and 0.0 <= r["hellaswag_acc_norm"] <= 1.0 for r in records)
+
+
+def test_default_run_offline_says_how_to_give_a_corpus(tmp_path, monkeypatch, capsys):
+    import requests
+
+    def offline(*args, **kwargs):
+        raise requests.ConnectionError("no network")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GPT2_TRAINER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(requests, "get", offline)
+    assert train.main(["--max-steps", "1"]) == train.EXIT_ERROR
+    err = capsys.readouterr().err
+    assert "could not download tinyshakespeare" in err and "python prepare_data.py path/to/input.txt" in err
+    assert not (tmp_path / "data" / "tinyshakespeare" / "meta.json").exists()
+
+
+def test_default_run_prepares_tinyshakespeare_and_prints_samples(tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from conftest import shared_file
+
+    cache = tmp_path / "cache"
+    (cache / "tinyshakespeare").mkdir(parents=True)
+    shutil.copy(shared_file("tinyshakespeare/input.txt"), cache / "tinyshakespeare" / "input.txt")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GPT2_TRAINER_CACHE", str(cache))  # the download is already cached
+    assert train.main(["--max-steps", "2", "--device", "cpu"]) == 0
+    assert (tmp_path / "data" / "tinyshakespeare" / "meta.json").is_file()
+    assert sorted(train_losses(tmp_path / "runs" / "tinyshakespeare")) == [0, 1]
+    assert capsys.readouterr().out.count("sample: ") == 2
