@@ -684,6 +684,7 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> int:
         # one optimizer step
         t0 = time.perf_counter()
         loss_accum = torch.zeros((), device=device)
+        inject_nan = fault_injection("NAN_AT_STEP", step, d.rank)
         for micro_step in range(grad_accum):
             x, y = train_loader.next_batch()
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -691,7 +692,7 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> int:
             sync = nullcontext() if not d.enabled or micro_step == grad_accum - 1 else train_model.no_sync()
             with sync, autocast_context(device, amp):
                 _, loss = train_model(x, y)
-                if fault_injection("NAN_AT_STEP", step, d.rank):
+                if inject_nan:
                     loss = loss * float("nan")
                 loss = loss / grad_accum
             loss_accum += loss.detach()
