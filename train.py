@@ -427,6 +427,11 @@ def resolve_data_dir(cfg: TrainConfig, d: Dist) -> Path:
 
 def build_model(cfg: TrainConfig, vocab_size: int, print0) -> GPT:
     if cfg.init_from:
+        overridden = [
+            f"--{k.replace('_', '-')}" for k in ("n_layer", "n_head", "n_embd") if getattr(cfg, k) is not None
+        ]
+        if overridden:
+            print0(f"note: {', '.join(overridden)} ignored: with --init-from the model's shape comes from its weights")
         if ckpt_lib.is_checkpoint_path(cfg.init_from):
             print0(f"initialising weights from our checkpoint {cfg.init_from}")
             model = ckpt_lib.load_model(cfg.init_from)

@@ -240,3 +240,20 @@ def test_default_run_prepares_tinyshakespeare_and_prints_samples(tmp_path, monke
     assert (tmp_path / "data" / "tinyshakespeare" / "meta.json").is_file()
     assert sorted(train_losses(tmp_path / "runs" / "tinyshakespeare")) == [0, 1]
     assert capsys.readouterr().out.count("sample: ") == 2
+
+
+def test_fine_tune_from_hugging_face_weights(hf_gpt2_dir, tiny_data, tmp_path, capsys):
+    from model import GPT
+
+    run = tmp_path / "run"
+    args = [*TINY, "--data", str(tiny_data), "--out", str(run), "--max-steps", "3", "--init-from", str(hf_gpt2_dir)]
+    assert train.main(args) == 0
+    assert "--n-layer, --n-head, --n-embd ignored" in capsys.readouterr().out
+    records = read_metrics(run)
+    assert records[0]["config"]["init_from"] == str(hf_gpt2_dir)
+    import checkpoint
+
+    tuned = checkpoint.load_model(run)
+    source = GPT.from_pretrained(str(hf_gpt2_dir))
+    assert tuned.config.n_embd == source.config.n_embd == 32  # the HF shape, not the --n-embd flag
+    assert tuned.config.block_size == 64
