@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import torch
@@ -58,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
     examples = load_examples(args.data_file, args.limit)
@@ -105,8 +106,8 @@ def main(argv: list[str] | None = None) -> dict:
         "batched_items_per_s": round(n / fast_s, 1), "speedup": round(slow_s / fast_s, 2),
     }  # fmt: skip
     print(json.dumps(report))
-    return report
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import json
 import os
+import sys
 import tempfile
 import time
 from functools import lru_cache
@@ -58,17 +59,21 @@ def cache_dir() -> Path:
     return Path(xdg) / "gpt2-trainer" / "hellaswag"
 
 
+class HellaSwagError(ValueError):
+    """Bad or missing HellaSwag data; the message names the file and says what to do."""
+
+
 def _check_item(item: dict, where: str) -> dict:
     ctx, endings, label = item.get("ctx"), item.get("endings"), item.get("label")
     if not isinstance(ctx, str) or not ctx:
-        raise ValueError(f"{where}: 'ctx' must be a non-empty string")
+        raise HellaSwagError(f"{where}: 'ctx' must be a non-empty string")
     if not isinstance(endings, list) or len(endings) != NUM_ENDINGS or not all(isinstance(e, str) for e in endings):
-        raise ValueError(f"{where}: 'endings' must be a list of {NUM_ENDINGS} strings")
+        raise HellaSwagError(f"{where}: 'endings' must be a list of {NUM_ENDINGS} strings")
     # the official file stores the label as an int; some exports store "0".."3"
     if isinstance(label, str) and label.isdigit():
         label = int(label)
     if not isinstance(label, int) or not 0 <= label < NUM_ENDINGS:
-        raise ValueError(f"{where}: 'label' must be an integer in [0, {NUM_ENDINGS})")
+        raise HellaSwagError(f"{where}: 'label' must be an integer in [0, {NUM_ENDINGS})")
     return {"ctx": ctx, "endings": endings, "label": label}
 
 
@@ -82,7 +87,7 @@ def read_examples(path: str | Path) -> list[dict]:
             try:
                 item = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: not a JSON object ({e})") from e
+                raise HellaSwagError(f"{path}:{line_no}: not a JSON object ({e})") from e
             examples.append(_check_item(item, f"{path}:{line_no}"))
     return examples
 
@@ -106,11 +111,11 @@ def download_validation(dest: Path, url: str = HELLASWAG_VAL_URL, expected: int 
             os.fsync(f.fileno())
         got = len(read_examples(tmp))
         if got != expected:
-            raise ValueError(f"downloaded {got} items, expected {expected}")
+            raise HellaSwagError(f"downloaded {got} items, expected {expected}")
         os.replace(tmp, dest)
     except Exception as e:
         tmp.unlink(missing_ok=True)
-        raise RuntimeError(
+        raise HellaSwagError(
             f"could not download the HellaSwag validation split ({type(e).__name__}: {e}).\n"
             f"HINT: download {url} on a machine with network and either pass it with --data-file "
             f"or copy it to {dest}"
@@ -125,7 +130,7 @@ def load_examples(data_file: str | Path | None = None, limit: int | None = None)
     """HellaSwag items from data_file, or from the official validation split (downloaded once and
     cached, see cache_dir()) when data_file is None. limit keeps the first `limit` items."""
     if limit is not None and limit < 1:
-        raise ValueError(f"limit must be >= 1, got {limit}")
+        raise HellaSwagError(f"limit must be >= 1, got {limit}")
     if data_file is not None:
         examples = read_examples(data_file)
     else:
@@ -134,7 +139,7 @@ def load_examples(data_file: str | Path | None = None, limit: int | None = None)
         if path.is_file():
             try:
                 examples = read_examples(path)
-            except ValueError:
+            except HellaSwagError:
                 pass
             if examples is None or len(examples) != HELLASWAG_VAL_EXAMPLES:
                 # only a complete, checked download is ever renamed to this name: someone changed it
@@ -143,7 +148,7 @@ def load_examples(data_file: str | Path | None = None, limit: int | None = None)
         if examples is None:
             examples = read_examples(download_validation(path))
     if not examples:
-        raise ValueError(f"no HellaSwag items in {data_file}")
+        raise HellaSwagError(f"no HellaSwag items in {data_file}")
     return examples[:limit] if limit is not None else examples
 
 
@@ -376,27 +381,6 @@ def evaluate_one_at_a_time(
 # ---- command line ----
 
 
-def setup_distributed(device: str) -> tuple[int, int, torch.device]:
-    """(rank, world_size, device) from torchrun's environment; one process without it."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return 0, 1, torch.device(device)
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        dev = torch.device("cuda", local_rank)
-        torch.cuda.set_device(dev)
-    dist.init_process_group(
-        backend="nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None
-    )
-    return rank, world_size, dev
-
-
-def teardown_distributed() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     source = p.add_mutually_exclusive_group()
@@ -413,7 +397,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="one of this project's checkpoints: a checkpoint directory, or a run directory (its latest checkpoint)",
     )
-    p.add_argument("--device", default=None, help="cuda, cpu, mps, ... (default: cuda if available, else cpu)")
+    p.add_argument("--device", default="auto", help="cuda, mps, cpu, or auto (the best present)")
     p.add_argument(
         "--data-file",
         default=None,
@@ -433,8 +417,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.model_type is None and args.checkpoint is None:
         args.model_type = "gpt2"
-    if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     return args
 
 
@@ -450,9 +432,13 @@ def _load_model(args: argparse.Namespace, device: torch.device) -> torch.nn.Modu
     return model.to(device)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def run(argv: list[str] | None = None) -> dict:
+    """The command line's work: evaluate and print; returns acc, acc_norm, num_examples."""
+    from train import setup_distributed, teardown_distributed
+
     args = parse_args(argv)
-    rank, world_size, device = setup_distributed(args.device)
+    d, device = setup_distributed(args.device, timeout_min=30.0)
+    rank, world_size = d.rank, d.world_size
     try:
         model = _load_model(args, device)
         if args.compile:
@@ -483,5 +469,17 @@ def main(argv: list[str] | None = None) -> dict:
         teardown_distributed()
 
 
+def main(argv: list[str] | None = None) -> int:
+    from checkpoint import CheckpointError
+    from tokenizer import TokenizerError
+
+    try:
+        run(argv)
+    except (HellaSwagError, CheckpointError, TokenizerError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -232,7 +232,7 @@ def test_hf_directory_through_cli_matches_from_pretrained(hf_dir, data_file, cap
     from transformers import GPT2LMHeadModel
 
     limit = 16
-    cli = hellaswag.main(
+    cli = hellaswag.run(
         ["--model_type", str(hf_dir), "--device", "cpu", "--data-file", str(data_file), "--limit", str(limit),
          "--batch-size", "4", "--json"]
     )  # fmt: skip
@@ -250,7 +250,7 @@ def test_checkpoint_through_cli_matches_evaluate(tmp_path, data_file, capsys):
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=256, n_layer=2, n_head=2, n_embd=32))
     checkpoint.save_checkpoint(tmp_path / "run", 5, model, {}, {})
-    cli = hellaswag.main(
+    cli = hellaswag.run(
         ["--checkpoint", str(tmp_path / "run"), "--device", "cpu", "--data-file", str(data_file), "--limit", "16",
          "--batch-size", "4"]
     )  # fmt: skip
@@ -269,7 +269,7 @@ def test_cli_under_torchrun_with_two_processes_matches_one(hf_dir, data_file, tm
         text=True, check=True, cwd=tmp_path,
     )  # fmt: skip
     two = json.loads(out.stdout.strip().splitlines()[-1])
-    one = hellaswag.main(common)
+    one = hellaswag.run(common)
     assert two == one
 
 
@@ -322,7 +322,7 @@ def test_failed_download_leaves_no_cached_file(cache, monkeypatch, how):
     else:
         response = _FakeResponse(chunks[: len(chunks) // 2])
     monkeypatch.setattr(requests, "get", lambda *args, **kwargs: response)
-    with pytest.raises(RuntimeError, match="HINT"):
+    with pytest.raises(hellaswag.HellaSwagError, match="HINT"):
         load_examples()
     assert list(cache.iterdir()) == []  # neither the final name nor a leftover partial file
 
@@ -375,3 +375,13 @@ def test_bf16_compiled_on_gpu_agrees_with_one_at_a_time_loop(data_file):
     # bf16 rounding differs with the batch shape; a near-tie may flip, but only a few
     assert abs(batched["acc"] - reference["acc"]) <= 0.01
     assert abs(batched["acc_norm"] - reference["acc_norm"]) <= 0.01
+
+
+def test_command_line_reports_bad_data_without_a_traceback(tmp_path, capsys, hf_gpt2_dir):
+    missing = tmp_path / "missing.jsonl"
+    assert hellaswag.main(["--model_type", str(hf_gpt2_dir), "--device", "cpu", "--data-file", str(missing)]) == 1
+    assert str(missing) in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"ctx": "A", "endings": ["a", "b", "c", "d"], "label": 1}\nnot json\n')
+    assert hellaswag.main(["--model_type", str(hf_gpt2_dir), "--device", "cpu", "--data-file", str(bad)]) == 1
+    assert f"{bad}:2: not a JSON object" in capsys.readouterr().err
