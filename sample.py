@@ -15,16 +15,6 @@ import torch
 from model import GPT
 
 
-def pick_device(name: str) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
 def load_for_sampling(init_from: str, device: torch.device) -> GPT:
     import checkpoint
 
@@ -51,8 +41,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--num-samples must be >= 1; --max-new-tokens, --top-k and --temperature >= 0")
 
     from tokenizer import get_tokenizer
+    from train import best_device
 
-    device = pick_device(args.device)
+    device = torch.device(best_device() if args.device == "auto" else args.device)
     model = load_for_sampling(args.init_from, device).eval()
     tok = get_tokenizer(args.tokenizer)
     prompt = tok.encode(args.prompt) or [tok.eot_id]

@@ -205,16 +205,19 @@ class Dist:
             dist.barrier()
 
 
+def best_device() -> str:
+    """CUDA, then MPS, then CPU."""
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
 def setup_distributed(device_arg: str, timeout_min: float) -> tuple[Dist, torch.device]:
     """Ranks from torchrun's environment (a single process without it); the device to use."""
     d = Dist(int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
-    if device_arg == "auto":
-        if torch.cuda.is_available():
-            device_arg = "cuda"
-        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            device_arg = "mps"
-        else:
-            device_arg = "cpu"
+    device_arg = best_device() if device_arg == "auto" else device_arg
     if device_arg.startswith("cuda"):
         if not torch.cuda.is_available():
             raise ConfigError("--device cuda, but torch sees no CUDA GPU")
