@@ -504,6 +504,12 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> int:
             print(*a, **kw, flush=True)
 
     # ---- data, model, batch arithmetic: everything that can be wrong fails here ----
+    wandb = None
+    if cfg.wandb and d.master:
+        try:
+            import wandb
+        except ImportError as e:
+            raise ConfigError("--wandb needs the wandb package: pip install wandb") from e
     data_dir = resolve_data_dir(cfg, d)
     amp = autocast_dtype(cfg.dtype, device)
     use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
@@ -598,11 +604,7 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> int:
         out_dir.mkdir(parents=True, exist_ok=True)
         ckpt_lib.write_text_atomic(out_dir / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
     wandb_run = None
-    if cfg.wandb and d.master:
-        try:
-            import wandb
-        except ImportError as e:
-            raise ConfigError("--wandb needs the wandb package: pip install wandb") from e
+    if wandb is not None:
         wandb_run = wandb.init(
             project=cfg.wandb, config=dataclasses.asdict(cfg), resume="allow", id=out_dir.resolve().name
         )

@@ -257,3 +257,33 @@ def test_fine_tune_from_hugging_face_weights(hf_gpt2_dir, tiny_data, tmp_path, c
     source = GPT.from_pretrained(str(hf_gpt2_dir))
     assert tuned.config.n_embd == source.config.n_embd == 32  # the HF shape, not the --n-embd flag
     assert tuned.config.block_size == 64
+
+
+def test_wandb_receives_the_same_metrics(tiny_data, tmp_path, monkeypatch):
+    import sys
+    import types
+
+    logged, inits = [], []
+
+    class FakeRun:
+        def log(self, values, step):
+            logged.append((step, values))
+
+    fake = types.SimpleNamespace(init=lambda **kw: inits.append(kw) or FakeRun())
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    run = tmp_path / "run"
+    args = [*TINY, "--data", str(tiny_data), "--out", str(run), "--max-steps", "3", "--wandb", "my-project"]
+    assert train.main(args) == 0
+    assert inits[0]["project"] == "my-project" and inits[0]["config"]["max_steps"] == 3
+    train_steps = [(step, v["loss"]) for step, v in logged if "loss" in v]
+    assert train_steps == sorted(train_losses(run).items())
+
+
+def test_wandb_missing_package_is_a_clear_error(tiny_data, tmp_path, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import fails
+    args = [*TINY, "--data", str(tiny_data), "--out", str(tmp_path / "run"), "--wandb", "p"]
+    assert train.main(args) == train.EXIT_CONFIG
+    assert "pip install wandb" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # failed before any work
