@@ -129,19 +129,27 @@ def _foreign_shards(data_dir: Path, split: str) -> list[Path]:
     return sorted(p for p in data_dir.iterdir() if npy.fullmatch(p.name) or bin_.fullmatch(p.name))
 
 
-def open_split(data_dir: str | Path, split: str) -> tuple[list[tuple[str, np.ndarray]], dict | None]:
-    """Validate and memory-map every shard of a split: ([(file name, tokens)], meta or None)."""
+def read_meta(data_dir: str | Path) -> dict | None:
+    """A data directory's meta.json, or None for shards made by others; no shard is opened."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise DataError(
             f"{data_dir}: no such data directory.\nHINT: make it with `python prepare_data.py INPUT --out {data_dir}`."
         )
     meta_path = data_dir / META_NAME
-    if meta_path.is_file():
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (OSError, ValueError) as e:
-            raise DataError(f"{meta_path}: unreadable ({e}).\n{_hint(None)}") from None
+    if not meta_path.is_file():
+        return None
+    try:
+        return json.loads(meta_path.read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"{meta_path}: unreadable ({e}).\n{_hint(None)}") from None
+
+
+def open_split(data_dir: str | Path, split: str) -> tuple[list[tuple[str, np.ndarray]], dict | None]:
+    """Validate and memory-map every shard of a split: ([(file name, tokens)], meta or None)."""
+    data_dir = Path(data_dir)
+    meta = read_meta(data_dir)
+    if meta is not None:
         return _open_own_split(data_dir, split, meta), meta
     if (data_dir / MARKER_NAME).exists() or any(data_dir.glob("*.tmp")) or any(data_dir.glob(f"{split}_*.npy")):
         raise DataError(
@@ -226,7 +234,6 @@ class ShardedDataLoader:
         shards, meta = open_split(self.data_dir, split)
         self.vocab_size: int | None = meta["vocab_size"] if meta else None
         self.eot_id: int | None = meta["eot_id"] if meta else None
-        self.tokenizer_name: str | None = meta["tokenizer"] if meta else None
         self._names = [name for name, tokens in shards if len(tokens)]
         self._shards = [tokens for _, tokens in shards if len(tokens)]
         self._starts = np.cumsum([0] + [len(t) for t in self._shards]).tolist()

@@ -30,7 +30,6 @@ import os
 import sys
 import tempfile
 import time
-from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -155,11 +154,10 @@ def load_examples(data_file: str | Path | None = None, limit: int | None = None)
 # ---- rendering ----
 
 
-@lru_cache(maxsize=1)
 def _gpt2_tokenizer() -> Tokenizer:
     from tokenizer import get_tokenizer
 
-    return get_tokenizer("gpt2")
+    return get_tokenizer("gpt2")  # cached by get_tokenizer
 
 
 def fit_to_window(ctx: list[int], ending: list[int], max_len: int) -> tuple[list[int], int]:

@@ -60,9 +60,7 @@ class Tokenizer:
         return self.backend(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
     def decode(self, ids: list[int]) -> str:
-        if self.kind == "tiktoken":
-            return self.backend.decode(ids)
-        return self.backend.decode(ids)
+        return self.backend.decode(ids)  # tiktoken and transformers spell it alike
 
 
 def _sha256(path: Path) -> str:

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 import checkpoint as ckpt_lib
-from dataloader import DataError, ShardedDataLoader
+from dataloader import DataError, ShardedDataLoader, read_meta
 from model import GPT, PRESETS, config_from_preset
 from prepare_data import DataPrepError
 from tokenizer import TokenizerError, get_tokenizer
@@ -514,8 +514,10 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> int:
     amp = autocast_dtype(cfg.dtype, device)
     use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
-    probe = ShardedDataLoader(data_dir, "train", 1, 1)
-    vocab_size = probe.vocab_size or 50257  # foreign shards without meta.json are GPT-2 tokens
+    # The model is sized from meta.json; the shards themselves are checked once, by the loaders.
+    # Shards made by other projects have no meta.json and hold GPT-2 tokens.
+    data_meta = read_meta(data_dir)
+    vocab_size = data_meta["vocab_size"] if data_meta else 50257
     model = build_model(cfg, vocab_size, print0).to(device)
     seq_len = cfg.seq_len or model.config.block_size
     grad_accum = check_batch_arithmetic(cfg, seq_len, model.config.block_size, d)
@@ -612,7 +614,7 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> int:
     metrics.truncate_from(start_step)
     metrics.log({**run_metadata(cfg, d, device), "resumed_from_step": start_step if resume_from else None})
 
-    tokenizer = get_tokenizer(probe.tokenizer_name or "gpt2")  # for samples and HellaSwag
+    tokenizer = get_tokenizer(data_meta["tokenizer"] if data_meta else "gpt2")  # for samples and HellaSwag
     hellaswag_examples = None
     if cfg.hellaswag_every:
         import hellaswag

@@ -100,7 +100,7 @@ def test_two_process_sigkill_resume_is_bit_identical(tiny_data, tmp_path, refere
     assert_metrics_continue(run, 20)
 
 
-def test_resume_on_other_world_size_keeps_data_order(tiny_data, tmp_path, reference_1proc):
+def test_resume_on_other_world_size_keeps_data_order(tiny_data, tmp_path):
     run = tmp_path / "run"
     total = ["--total-batch-size", str(4 * 32 * 2)]
     ref = tmp_path / "ref"
@@ -213,9 +213,6 @@ def test_nan_on_one_rank_skips_the_update_on_all_ranks(tiny_data, tmp_path):
 
 
 def test_consecutive_nonfinite_steps_stop_the_run_with_checkpoint_intact(tiny_data, tmp_path):
-    run = tmp_path / "run"
-    code = train.main(flags(tiny_data, run, steps=20, every=5, extra=["--max-bad-steps", "3"]))
-    assert code == 0
     run2 = tmp_path / "run2"
     result = run_train(
         flags(tiny_data, run2, steps=20, every=5, extra=["--max-bad-steps", "3"]),
