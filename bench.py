@@ -1,7 +1,11 @@
 """Training-step benchmark: steady-state tokens/s, MFU, peak memory and compile time.
 
     python bench.py --model gpt2 --batch-size 16 32 --seq-len 1024       # one GPU, bf16, compiled
+    python bench.py --model gpt2-xl --batch-size 8 --activation-checkpointing 1
     python bench.py --model tiny --device cpu --no-compile --steps 5     # checks the script on a CPU
+
+The speed flags are train.py's (--compile-mode, --attention, --activation-checkpointing,
+--fused-loss), so a configuration that wins here is one flag away from a training run.
 
 It times the same step train.py runs (forward and backward under autocast, gradient
 clipping, fused AdamW) on random tokens, so the figures isolate the model and optimizer from
@@ -20,7 +24,17 @@ import time
 import torch
 
 from model import GPT, PRESETS, config_from_preset
-from train import autocast_context, autocast_dtype, peak_flops
+from train import (
+    ATTENTION_BACKENDS,
+    COMPILE_MODES,
+    ConfigError,
+    attention_context,
+    autocast_context,
+    autocast_dtype,
+    check_attention_backend,
+    compile_model,
+    peak_flops,
+)
 
 
 def sync(device: torch.device) -> None:
@@ -38,12 +52,19 @@ def bench_one(
     dtype: str,
     use_compile: bool,
     grad_accum: int = 1,
+    compile_mode: str = "default",
+    attention: str = "auto",
+    activation_checkpointing: int = 0,
+    fused_loss: bool = False,
 ) -> dict:
     torch.manual_seed(0)
     model = GPT(config_from_preset(preset, pad_vocab_to=64)).to(device)
+    model.activation_checkpointing = activation_checkpointing
+    model.fused_loss = fused_loss
     optimizer = model.configure_optimizers(0.1, 6e-4, device_type=device.type)
     amp = autocast_dtype(dtype, device)
-    step_model = torch.compile(model) if use_compile else model
+    check_attention_backend(attention, device, amp, model.config)
+    step_model = compile_model(model, compile_mode) if use_compile else model
     x = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), device=device)
     y = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), device=device)
     if device.type == "cuda":
@@ -82,7 +103,10 @@ def bench_one(
         "grad_accum": grad_accum,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
         "dtype": str(amp).replace("torch.", "") if amp else "fp32",
-        "compile": use_compile,
+        "compile": compile_mode if use_compile else False,
+        "attention": attention,
+        "activation_checkpointing": activation_checkpointing,
+        "fused_loss": fused_loss,
         "step_ms": round(step_s * 1000, 2),
         "tokens_per_sec": round(tokens_per_sec),
         "mfu": round(model.flops_per_token(seq_len) * tokens_per_sec / peak, 4) if peak else None,
@@ -106,36 +130,71 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="torch.compile the model (default: on for CUDA)",
     )
+    parser.add_argument("--compile-mode", default="default", choices=COMPILE_MODES, help="torch.compile mode")
+    parser.add_argument("--attention", default="auto", choices=["auto", *ATTENTION_BACKENDS], help="SDPA kernel")
+    parser.add_argument(
+        "--activation-checkpointing", type=int, default=0, metavar="N", help="recompute every Nth block (0: off)"
+    )
+    parser.add_argument("--fused-loss", action="store_true", help="chunked output layer + cross-entropy")
     parser.add_argument("--json", action="store_true", help="one JSON object per configuration instead of a table")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 1:
         parser.error("--steps and --warmup must be >= 1")
+    if args.activation_checkpointing < 0:
+        parser.error("--activation-checkpointing must be >= 0")
     device = torch.device(args.device)
     use_compile = args.compile if args.compile is not None else device.type == "cuda"
+    if args.compile_mode != "default" and not use_compile:
+        parser.error(f"--compile-mode {args.compile_mode} needs --compile")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # what stays in fp32 (the optimizer) uses TF32
-    for preset in args.model:
-        for batch_size in args.batch_size:
-            try:
-                result = bench_one(
-                    preset, batch_size, args.seq_len, args.steps, args.warmup, device, args.dtype, use_compile
-                )
-            except torch.OutOfMemoryError:
-                result = {"model": preset, "batch_size": batch_size, "seq_len": args.seq_len, "error": "out of memory"}
-                torch.cuda.empty_cache()
-            if args.json:
-                print(json.dumps(result), flush=True)
-            elif "error" in result:
-                print(f"{preset:12s} B={batch_size:3d} T={args.seq_len}: out of memory", flush=True)
-            else:
-                mfu = f"{100 * result['mfu']:.1f}%" if result["mfu"] is not None else "-"
-                mem = f"{result['peak_mem_gib']} GiB" if result["peak_mem_gib"] is not None else "-"
-                print(
-                    f"{preset:12s} B={batch_size:3d} T={args.seq_len} {result['dtype']:8s} compile={use_compile!s:5s} "
-                    f"{result['step_ms']:9.1f} ms/step {result['tokens_per_sec']:10,d} tok/s  MFU {mfu:>6s}  "
-                    f"peak mem {mem}  first step {result['first_step_s']} s",
-                    flush=True,
-                )
+    variant = " ".join(
+        part
+        for part in (
+            f"compile={args.compile_mode if use_compile else 'off'}",
+            f"attn={args.attention}",
+            f"ac={args.activation_checkpointing}" if args.activation_checkpointing else "",
+            "fused-loss" if args.fused_loss else "",
+        )
+        if part
+    )
+    with attention_context(args.attention):
+        for preset in args.model:
+            for batch_size in args.batch_size:
+                try:
+                    result = bench_one(
+                        preset,
+                        batch_size,
+                        args.seq_len,
+                        args.steps,
+                        args.warmup,
+                        device,
+                        args.dtype,
+                        use_compile,
+                        compile_mode=args.compile_mode,
+                        attention=args.attention,
+                        activation_checkpointing=args.activation_checkpointing,
+                        fused_loss=args.fused_loss,
+                    )
+                except ConfigError as e:
+                    print(f"error: {e}", file=sys.stderr)
+                    return 2
+                except torch.OutOfMemoryError:
+                    result = {"model": preset, "batch_size": batch_size, "seq_len": args.seq_len, "error": "out of memory"}
+                    torch.cuda.empty_cache()
+                if args.json:
+                    print(json.dumps({**result, "variant": variant}), flush=True)
+                elif "error" in result:
+                    print(f"{preset:12s} B={batch_size:3d} T={args.seq_len} {variant}: out of memory", flush=True)
+                else:
+                    mfu = f"{100 * result['mfu']:.1f}%" if result["mfu"] is not None else "-"
+                    mem = f"{result['peak_mem_gib']} GiB" if result["peak_mem_gib"] is not None else "-"
+                    print(
+                        f"{preset:12s} B={batch_size:3d} T={args.seq_len} {result['dtype']:8s} {variant}  "
+                        f"{result['step_ms']:9.1f} ms/step {result['tokens_per_sec']:10,d} tok/s  MFU {mfu:>6s}  "
+                        f"peak mem {mem}  first step {result['first_step_s']} s",
+                        flush=True,
+                    )
     return 0
 
 

@@ -14,6 +14,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
+
+from linear_cross_entropy import DEFAULT_CHUNK_ROWS, linear_cross_entropy
 
 # ---- configuration ----
 
@@ -122,9 +125,23 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    """GPT-2. Two training-time settings live on the module, not in GPTConfig, because they
+    change memory and speed but never the function computed (checkpoints and exports ignore them):
+
+    activation_checkpointing: N > 0 recomputes every Nth block's activations in the backward
+        pass instead of storing them (1: every block), trading about a third more compute in
+        those blocks for their activation memory; what lets the largest presets fit.
+    fused_loss: compute the output layer and the cross-entropy a chunk of positions at a time
+        (linear_cross_entropy.py), so the full (B, T, vocabulary) logits are never held; the
+        training forward then returns None for logits.
+    """
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
+        self.activation_checkpointing = 0
+        self.fused_loss = False
+        self.fused_loss_chunk_rows = DEFAULT_CHUNK_ROWS
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
@@ -162,19 +179,28 @@ class GPT(nn.Module):
         ignored. Without targets: logits of the last position only (B, 1, V), which is all
         sampling needs and skips the largest matmul for the other T - 1 positions.
         V is the real vocabulary: padded ids are cut off, so they can never be sampled.
+        With fused_loss set, a mean loss that needs gradients comes with logits None.
         """
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
         pos = torch.arange(T, dtype=torch.long, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
-        for block in self.transformer.h:
-            x = block(x)
+        recompute = self.activation_checkpointing if self.training and torch.is_grad_enabled() else 0
+        for i, block in enumerate(self.transformer.h):
+            if recompute and i % recompute == 0:
+                x = checkpoint(block, x, use_reentrant=False)  # keeps the RNG state: same dropout
+            else:
+                x = block(x)
         x = self.transformer.ln_f(x)
 
         V = self.config.vocab_size
         if targets is None:
             return self.lm_head(x[:, [-1], :])[..., :V], None
+        if self.fused_loss and reduction == "mean" and torch.is_grad_enabled():
+            flat = x.view(B * T, -1)
+            loss = linear_cross_entropy(flat, self.lm_head.weight, targets.reshape(-1), V, self.fused_loss_chunk_rows)
+            return None, loss
         logits = self.lm_head(x)
         if self.config.padded_vocab_size != V:
             # padded ids are not tokens: keep them out of the softmax so they never get probability

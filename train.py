@@ -34,15 +34,24 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.nn import functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import checkpoint as ckpt_lib
 from dataloader import DataError, ShardedDataLoader, read_meta
-from model import GPT, PRESETS, config_from_preset
+from model import GPT, PRESETS, GPTConfig, config_from_preset
 from prepare_data import DataPrepError
 from tokenizer import TokenizerError, get_tokenizer
 
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_NONFINITE, EXIT_PREEMPTED = 0, 1, 2, 3, 75
 DEFAULT_CORPUS = "tinyshakespeare"
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+ATTENTION_BACKENDS = {
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "math": SDPBackend.MATH,
+}
 
 # ---- configuration ----
 
@@ -89,6 +98,22 @@ class TrainConfig:
         choices=["auto", "bf16", "fp16", "fp32"],
     )
     compile: bool | None = _flag(None, "torch.compile the model; default: on for CUDA, off elsewhere")
+    compile_mode: str = _flag(
+        "default",
+        "torch.compile mode; reduce-overhead replays CUDA graphs, max-autotune also searches matmul kernels",
+        choices=list(COMPILE_MODES),
+    )
+    attention: str = _flag(
+        "auto",
+        "scaled_dot_product_attention kernel: auto (PyTorch picks per call), flash, cudnn, efficient or math",
+        choices=["auto", *ATTENTION_BACKENDS],
+    )
+    activation_checkpointing: int = _flag(
+        0,
+        "recompute every Nth block's activations in the backward pass instead of storing them (1: all; 0: off)",
+        metavar="N",
+    )
+    fused_loss: bool = _flag(False, "output layer and cross-entropy a chunk of positions at a time (less memory)")
     device: str = _flag("auto", "cuda, mps, cpu, or auto (the best present)")
     seed: int = _flag(1337, "random seed (model init, data shuffle, dropout, sampling)")
     # evaluation, samples, logging
@@ -138,6 +163,7 @@ class TrainConfig:
             "keep_last",
             "keep_every",
             "hellaswag_limit",
+            "activation_checkpointing",
             "grad_clip",
             "weight_decay",
         ):
@@ -172,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
         convert = {"int": int, "int | None": int, "float": float, "float | None": float}.get(str(kind), str)
         if kind in (int, float, str):
             convert = kind
-        parser.add_argument(flag, type=convert, default=f.default, metavar=f.name.split("_")[-1].upper(), **meta)
+        metavar = meta.pop("metavar", f.name.split("_")[-1].upper())
+        parser.add_argument(flag, type=convert, default=f.default, metavar=metavar, **meta)
     parser.add_argument("--plot", nargs="+", metavar="RUN", help="draw the loss curves of these runs to a PNG and exit")
     return parser
 
@@ -398,6 +425,35 @@ def autocast_context(device: torch.device, amp: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=amp) if amp is not None else nullcontext()
 
 
+def attention_context(name: str):
+    """Restricts scaled_dot_product_attention to one kernel for the whole run (compilation
+    included, which reads the same switches); auto leaves PyTorch's choice alone."""
+    return nullcontext() if name == "auto" else sdpa_kernel([ATTENTION_BACKENDS[name]])
+
+
+def check_attention_backend(name: str, device: torch.device, amp: torch.dtype | None, config: GPTConfig) -> None:
+    """Run the chosen kernel once, forward and backward, at the model's head size, dtype and
+    dropout, so that a kernel this device or build lacks is a clear error before any training."""
+    if name == "auto":
+        return
+    dtype = amp or torch.float32
+    head_dim = config.n_embd // config.n_head
+    q = torch.randn(1, config.n_head, 64, head_dim, device=device, dtype=dtype, requires_grad=True)
+    try:
+        F.scaled_dot_product_attention(q, q, q, dropout_p=config.dropout, is_causal=True).sum().backward()
+    except RuntimeError as e:
+        reason = str(e).strip().splitlines()[0]
+        raise ConfigError(
+            f"--attention {name}: this kernel does not run on {device} in {str(dtype).replace('torch.', '')} "
+            f"with head size {head_dim}{f' and dropout {config.dropout}' if config.dropout else ''} ({reason}); "
+            "use --attention auto"
+        ) from e
+
+
+def compile_model(model: torch.nn.Module, mode: str) -> torch.nn.Module:
+    return torch.compile(model, mode=None if mode == "default" else mode)
+
+
 @torch.no_grad()
 def sample_texts(
     model: GPT, tokenizer, cfg: TrainConfig, device: torch.device, seed: int, amp: torch.dtype | None
@@ -487,7 +543,8 @@ def main(argv: list[str] | None = None) -> int:
     d = Dist()
     try:
         d, device = setup_distributed(cfg.device, cfg.dist_timeout_min)
-        return train(cfg, d, device)
+        with attention_context(cfg.attention):
+            return train(cfg, d, device)
     except ConfigError as e:
         print(f"[rank {d.rank}] error: {e}", file=sys.stderr)
         return EXIT_CONFIG
@@ -518,7 +575,15 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> int:
     # Shards made by other projects have no meta.json and hold GPT-2 tokens.
     data_meta = read_meta(data_dir)
     vocab_size = data_meta["vocab_size"] if data_meta else 50257
+    if cfg.compile_mode != "default" and not use_compile:
+        raise ConfigError(
+            f"--compile-mode {cfg.compile_mode} needs torch.compile, which is on by default only on CUDA: "
+            "add --compile"
+        )
     model = build_model(cfg, vocab_size, print0).to(device)
+    model.activation_checkpointing = cfg.activation_checkpointing
+    model.fused_loss = cfg.fused_loss
+    check_attention_backend(cfg.attention, device, amp, model.config)
     seq_len = cfg.seq_len or model.config.block_size
     grad_accum = check_batch_arithmetic(cfg, seq_len, model.config.block_size, d)
     tokens_per_step = cfg.batch_size * seq_len * d.world_size * grad_accum
@@ -553,6 +618,10 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> int:
     print0(
         f"run directory {out_dir}; {d.world_size} process(es) on {device}, "
         f"autocast {amp or 'off (fp32)'}, compile {use_compile}"
+        + (f" ({cfg.compile_mode})" if use_compile else "")
+        + f", attention {cfg.attention}"
+        + (f", activation checkpointing every {cfg.activation_checkpointing} block(s)" if cfg.activation_checkpointing else "")
+        + (", fused loss" if cfg.fused_loss else "")
     )
     print0(
         f"model: {model.num_params() / 1e6:.2f}M parameters (non-embedding), vocab {vocab_size} "
@@ -595,7 +664,7 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> int:
 
     raw_model = model
     if use_compile:
-        model = torch.compile(model)
+        model = compile_model(model, cfg.compile_mode)
     train_model = model
     if d.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP

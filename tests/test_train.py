@@ -19,6 +19,9 @@ from runs import TINY, read_metrics, run_train, train_losses
         (["--dtype", "fp16"], "fp16 needs CUDA"),
         (["--n-head", "3"], "divisible by n_head"),
         (["--min-lr", "1.0"], "--min-lr must be between"),
+        (["--compile-mode", "max-autotune"], "needs torch.compile"),
+        (["--activation-checkpointing", "-1"], "--activation-checkpointing must be >= 0"),
+        (["--attention", "cudnn"], "--attention cudnn: this kernel does not run on cpu"),
     ],
 )
 def test_bad_configuration_gives_clear_error(tiny_data, tmp_path, capsys, flags, message):
@@ -146,8 +149,9 @@ def test_compiled_bf16_run_on_gpu_with_eval_and_samples(tiny_data, tmp_path, cap
 
 @pytest.mark.slow
 def test_compiled_run_matches_eager_loss_curve(tiny_data, tmp_path):
-    """The optimised path (torch.compile) trains like the plain one: same seed, same data,
-    losses within a small tolerance over a couple of hundred steps."""
+    """The optimised paths (torch.compile, and with it the fused loss and activation
+    checkpointing) train like the plain one: same seed, same data, losses within a small
+    tolerance over a couple of hundred steps."""
     common = [
         *[a for a in TINY if a != "--no-compile"],
         "--data",
@@ -161,17 +165,54 @@ def test_compiled_run_matches_eager_loss_curve(tiny_data, tmp_path):
     ]
     assert train.main([*common, "--out", str(tmp_path / "eager"), "--no-compile"]) == 0
     assert train.main([*common, "--out", str(tmp_path / "compiled"), "--compile"]) == 0
-    eager, compiled = train_losses(tmp_path / "eager"), train_losses(tmp_path / "compiled")
-    assert sorted(eager) == sorted(compiled) == list(range(200))
-    # Early steps agree to rounding; later, rounding differences compound as in any two runs
-    # on different kernels, so the curves are compared over 20-step windows.
-    for step in range(30):
-        assert compiled[step] == pytest.approx(eager[step], abs=1e-3), step
-    for start in range(0, 200, 20):
-        window = range(start, start + 20)
-        mean_eager, mean_compiled = (sum(run[s] for s in window) / 20 for run in (eager, compiled))
-        assert mean_compiled == pytest.approx(mean_eager, abs=0.05), start
+    fused = ["--compile", "--fused-loss", "--activation-checkpointing", "1"]
+    assert train.main([*common, "--out", str(tmp_path / "compiled_fused"), *fused]) == 0
+    eager = train_losses(tmp_path / "eager")
     assert eager[199] < eager[0] - 3.0
+    for name in ("compiled", "compiled_fused"):
+        optimised = train_losses(tmp_path / name)
+        assert sorted(eager) == sorted(optimised) == list(range(200))
+        # Early steps agree to rounding; later, rounding differences compound as in any two
+        # runs on different kernels, so the curves are compared over 20-step windows.
+        for step in range(30):
+            assert optimised[step] == pytest.approx(eager[step], abs=1e-3), (name, step)
+        for start in range(0, 200, 20):
+            window = range(start, start + 20)
+            mean_eager, mean_optimised = (sum(run[s] for s in window) / 20 for run in (eager, optimised))
+            assert mean_optimised == pytest.approx(mean_eager, abs=0.05), (name, start)
+
+
+def test_memory_and_speed_options_keep_the_loss_curve(tiny_data, tmp_path):
+    """Fused loss, activation checkpointing and a fixed attention kernel change how the step
+    is computed, not what: same seed and data, the same losses to rounding."""
+    common = [*TINY, "--data", str(tiny_data), "--max-steps", "100", "--eval-every", "0", "--checkpoint-every", "0"]
+    # dropout on: checkpointed blocks must replay the same masks (the CPU flash kernel has no dropout)
+    options = ["--fused-loss", "--activation-checkpointing", "1", "--attention", "math", "--dropout", "0.1"]
+    assert train.main([*common, "--dropout", "0.1", "--out", str(tmp_path / "plain")]) == 0
+    assert train.main([*common, *options, "--out", str(tmp_path / "optimised")]) == 0
+    plain, optimised = train_losses(tmp_path / "plain"), train_losses(tmp_path / "optimised")
+    assert sorted(plain) == sorted(optimised) == list(range(100))
+    for step in range(30):
+        assert optimised[step] == pytest.approx(plain[step], abs=1e-3), step
+    for start in range(0, 100, 20):
+        window = range(start, start + 20)
+        assert sum(optimised[s] for s in window) / 20 == pytest.approx(sum(plain[s] for s in window) / 20, abs=0.02)
+    assert plain[99] < plain[0] - 2.0
+
+
+@requires_gpu
+def test_memory_and_speed_options_keep_the_loss_curve_on_gpu(tiny_data, tmp_path):
+    flags = [a for a in TINY if a not in ("--device", "cpu", "--no-compile")]
+    common = [*flags, "--device", "cuda", "--compile", "--dtype", "bf16", "--data", str(tiny_data)]
+    common += ["--max-steps", "100", "--eval-every", "50", "--checkpoint-every", "0"]
+    options = ["--fused-loss", "--activation-checkpointing", "1", "--attention", "flash"]
+    assert train.main([*common, "--out", str(tmp_path / "plain")]) == 0
+    assert train.main([*common, *options, "--out", str(tmp_path / "optimised")]) == 0
+    plain, optimised = train_losses(tmp_path / "plain"), train_losses(tmp_path / "optimised")
+    for start in range(0, 100, 20):
+        window = range(start, start + 20)
+        assert sum(optimised[s] for s in window) / 20 == pytest.approx(sum(plain[s] for s in window) / 20, abs=0.05)
+    assert plain[99] < plain[0] - 2.0
 
 
 def test_hellaswag_in_the_loop_logs_accuracy(tiny_data, tmp_path):
