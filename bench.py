@@ -115,6 +115,19 @@ def bench_one(
     }
 
 
+def describe(result: dict, variant: str) -> str:
+    """One table row."""
+    head = f"{result['model']:12s} B={result['batch_size']:3d} T={result['seq_len']}"
+    if "error" in result:
+        return f"{head} {variant}: out of memory"
+    mfu = f"{100 * result['mfu']:.1f}%" if result["mfu"] is not None else "-"
+    mem = f"{result['peak_mem_gib']} GiB" if result["peak_mem_gib"] is not None else "-"
+    return (
+        f"{head} {result['dtype']:8s} {variant}  {result['step_ms']:9.1f} ms/step "
+        f"{result['tokens_per_sec']:10,d} tok/s  MFU {mfu:>6s}  peak mem {mem}  first step {result['first_step_s']} s"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", nargs="+", default=["gpt2"], choices=list(PRESETS), help="presets to time")
@@ -180,21 +193,11 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"error: {e}", file=sys.stderr)
                     return 2
                 except torch.OutOfMemoryError:
-                    result = {"model": preset, "batch_size": batch_size, "seq_len": args.seq_len, "error": "out of memory"}
+                    result = {"model": preset, "batch_size": batch_size, "seq_len": args.seq_len, "error": "OOM"}
                     torch.cuda.empty_cache()
-                if args.json:
-                    print(json.dumps({**result, "variant": variant}), flush=True)
-                elif "error" in result:
-                    print(f"{preset:12s} B={batch_size:3d} T={args.seq_len} {variant}: out of memory", flush=True)
-                else:
-                    mfu = f"{100 * result['mfu']:.1f}%" if result["mfu"] is not None else "-"
-                    mem = f"{result['peak_mem_gib']} GiB" if result["peak_mem_gib"] is not None else "-"
-                    print(
-                        f"{preset:12s} B={batch_size:3d} T={args.seq_len} {result['dtype']:8s} {variant}  "
-                        f"{result['step_ms']:9.1f} ms/step {result['tokens_per_sec']:10,d} tok/s  MFU {mfu:>6s}  "
-                        f"peak mem {mem}  first step {result['first_step_s']} s",
-                        flush=True,
-                    )
+                print(
+                    json.dumps({**result, "variant": variant}) if args.json else describe(result, variant), flush=True
+                )
     return 0
 
 

@@ -577,8 +577,7 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> int:
     vocab_size = data_meta["vocab_size"] if data_meta else 50257
     if cfg.compile_mode != "default" and not use_compile:
         raise ConfigError(
-            f"--compile-mode {cfg.compile_mode} needs torch.compile, which is on by default only on CUDA: "
-            "add --compile"
+            f"--compile-mode {cfg.compile_mode} needs torch.compile, which is on by default only on CUDA: add --compile"
         )
     model = build_model(cfg, vocab_size, print0).to(device)
     model.activation_checkpointing = cfg.activation_checkpointing
@@ -620,7 +619,11 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> int:
         f"autocast {amp or 'off (fp32)'}, compile {use_compile}"
         + (f" ({cfg.compile_mode})" if use_compile else "")
         + f", attention {cfg.attention}"
-        + (f", activation checkpointing every {cfg.activation_checkpointing} block(s)" if cfg.activation_checkpointing else "")
+        + (
+            f", activation checkpointing every {cfg.activation_checkpointing} block(s)"
+            if cfg.activation_checkpointing
+            else ""
+        )
         + (", fused loss" if cfg.fused_loss else "")
     )
     print0(

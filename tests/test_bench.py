@@ -1,0 +1,36 @@
+import json
+
+import pytest
+
+import bench
+
+SMALL = ["--model", "tiny", "--batch-size", "2", "--seq-len", "32", "--device", "cpu", "--steps", "2", "--warmup", "1"]
+
+
+def test_json_rows_carry_the_figures_and_the_variant(capsys):
+    flags = ["--no-compile", "--fused-loss", "--activation-checkpointing", "2", "--attention", "math", "--json"]
+    assert bench.main([*SMALL, "--batch-size", "1", "2", *flags]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["batch_size"] for r in rows] == [1, 2]
+    for row in rows:
+        assert row["tokens_per_sec"] > 0 and row["step_ms"] > 0
+        assert row["tokens_per_sec"] == pytest.approx(row["batch_size"] * 32 / (row["step_ms"] / 1000), rel=0.01)
+        assert (row["fused_loss"], row["activation_checkpointing"], row["attention"]) == (True, 2, "math")
+        assert row["mfu"] is None and row["peak_mem_gib"] is None  # no GPU: no peak FLOP/s, no CUDA memory
+
+
+def test_table_row_names_the_configuration(capsys):
+    assert bench.main([*SMALL, "--no-compile"]) == 0
+    out = capsys.readouterr().out
+    assert "tiny" in out and "B=  2 T=32" in out and "tok/s" in out and "compile=off" in out
+
+
+def test_unavailable_attention_kernel_is_a_clear_error(capsys):
+    assert bench.main([*SMALL, "--no-compile", "--attention", "efficient"]) == 2
+    assert "--attention efficient: this kernel does not run on cpu" in capsys.readouterr().err
+
+
+def test_compile_mode_without_compile_is_refused():
+    with pytest.raises(SystemExit) as exc:
+        bench.main([*SMALL, "--no-compile", "--compile-mode", "max-autotune"])
+    assert exc.value.code == 2
