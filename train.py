@@ -727,11 +727,17 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> int:
     peak = peak_flops(device)
     step_ms_avg = None
     params = [p for p in raw_model.parameters() if p.requires_grad]
+    # A step's time runs from the end of the previous step, so it includes what the host does
+    # between steps (logging, loading the batch); evaluations and checkpoints restart the clock.
+    step_clock = None
 
     # ---- the loop ----
     for step in range(start_step, cfg.max_steps):
         last_step = step == cfg.max_steps - 1
-        if cfg.eval_every and (step % cfg.eval_every == 0 or last_step):
+        eval_due = cfg.eval_every and (step % cfg.eval_every == 0 or last_step)
+        hellaswag_due = cfg.hellaswag_every and (step % cfg.hellaswag_every == 0 or last_step)
+        sample_due = cfg.sample_every and step > start_step and step % cfg.sample_every == 0
+        if eval_due:
             t0 = time.perf_counter()
             val_loss = evaluate_val_loss(model, val_loader, val_chunks, d, device, amp)
             print0(
@@ -739,7 +745,7 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> int:
                 f"in {time.perf_counter() - t0:.1f}s"
             )
             metrics.log({"type": "eval", "step": step, "val_loss": val_loss})
-        if cfg.hellaswag_every and (step % cfg.hellaswag_every == 0 or last_step):
+        if hellaswag_due:
             result = hellaswag.evaluate(
                 model,
                 hellaswag_examples,
@@ -760,18 +766,22 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> int:
                     "hellaswag_examples": result["num_examples"],
                 }
             )
-        if cfg.sample_every and step > start_step and step % cfg.sample_every == 0 and d.master:
+        if sample_due and d.master:
             # the uncompiled module: generation grows the sequence every token, which would recompile
             for text in sample_texts(raw_model, tokenizer, cfg, device, cfg.seed, amp):
                 print0(f"step {step:6d} | sample: {text!r}")
 
         # one optimizer step
-        t0 = time.perf_counter()
+        if step_clock is None or eval_due or hellaswag_due or sample_due:
+            step_clock = time.perf_counter()
+        data_s = 0.0
         loss_accum = torch.zeros((), device=device)
         inject_nan = fault_injection("NAN_AT_STEP", step, d.rank)
         for micro_step in range(grad_accum):
+            t_data = time.perf_counter()
             x, y = train_loader.next_batch()
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            data_s += time.perf_counter() - t_data
             # all-reduce gradients only on the last micro-step
             sync = nullcontext() if not d.enabled or micro_step == grad_accum - 1 else train_model.no_sync()
             with sync, autocast_context(device, amp):
@@ -786,7 +796,8 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> int:
         # One collective per step carries the loss (averaged over ranks) and the stop request.
         # A NaN on any rank spreads to every rank through this sum and through the gradient
         # all-reduce, so all ranks take the same skip decision without another collective.
-        status = torch.stack([loss_accum.float(), torch.tensor(float(stop.received is not None), device=device)])
+        # (full_like, not torch.tensor: a host-to-device copy would wait for the whole step)
+        status = torch.stack([loss_accum.float(), torch.full_like(loss_accum, float(stop.received is not None))])
         if d.enabled:
             dist.all_reduce(status, op=dist.ReduceOp.SUM)
         lr = learning_rate(step, cfg)
@@ -804,9 +815,10 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> int:
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         tokens_seen += tokens_per_step
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
+        # No device synchronisation: the optimizer's kernels run while the host logs and loads
+        # the next batch, and the next step's .tolist() waits for them.
+        now = time.perf_counter()
+        dt, step_clock = now - step_clock, now
 
         if fault_injection("CRASH_AT_STEP", step, d.rank) and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
             raise RuntimeError(f"injected crash at step {step} (GPT2_TRAINER_TEST_CRASH_AT_STEP)")
@@ -825,6 +837,7 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> int:
             "tokens_per_sec": tokens_per_sec,
             "mfu": mfu,
             "ms": dt * 1000,
+            "data_ms": data_s * 1000,
             "tokens_seen": tokens_seen,
         }
         if not finite:
@@ -856,6 +869,7 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> int:
             metrics.close()
             return EXIT_PREEMPTED
         if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.max_steps:
+            step_clock = None
             try:
                 save(done)
             except ckpt_lib.CheckpointError as e:

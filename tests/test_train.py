@@ -74,7 +74,11 @@ def test_loss_falls_from_log_vocab_and_metrics_parse(tiny_data, tmp_path):
     evals = [r for r in records if r["type"] == "eval"]
     assert [r["step"] for r in evals] == [0, 30, 59] and evals[-1]["val_loss"] < evals[0]["val_loss"] - 2.0
     train_record = next(r for r in records if r["type"] == "train")
-    assert {"step", "loss", "lr", "grad_norm", "tokens_per_sec", "mfu"} <= set(train_record)
+    assert {"step", "loss", "lr", "grad_norm", "tokens_per_sec", "mfu", "ms", "data_ms"} <= set(train_record)
+    for r in records:
+        if r["type"] == "train":  # a step's time includes loading its batch, and gives its tokens/s
+            assert 0 < r["data_ms"] < r["ms"]
+            assert r["tokens_per_sec"] == pytest.approx(4 * 32 / (r["ms"] / 1000))
     assert json.loads((run / "config.json").read_text())["max_steps"] == 60
 
 
