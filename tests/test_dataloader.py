@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import requires_gpu
 from dataloader import DataError, ShardedDataLoader, main
 from prepare_data import ShardWriter, finish_dataset
 
@@ -173,8 +174,7 @@ def test_meta_fields_and_pinning_flag_on_cpu(data):
     assert x.device.type == "cpu"
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@requires_gpu
 def test_batches_are_pinned_when_cuda_is_used(data):
     x, y = ShardedDataLoader(data, "train", B, T, pin_memory=True).next_batch()
     assert x.is_pinned() and y.is_pinned()

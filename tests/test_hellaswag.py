@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import hellaswag
+from conftest import requires_gpu
 from hellaswag import HELLASWAG_VAL_EXAMPLES, evaluate, evaluate_one_at_a_time, load_examples, render_example
 from model import GPT, GPTConfig
 from tokenizer import get_tokenizer
@@ -363,8 +364,7 @@ def test_compiled_model_gives_the_same_accuracy(examples, folded):
     assert evaluate(torch.compile(model), examples, "cpu", batch_size=8, tokenizer=folded) == eager
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@requires_gpu
 def test_bf16_compiled_on_gpu_agrees_with_one_at_a_time_loop(data_file):
     examples = load_examples(data_file, limit=512)
     torch.manual_seed(0)
