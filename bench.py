@@ -56,12 +56,14 @@ def bench_one(
     attention: str = "auto",
     activation_checkpointing: int = 0,
     fused_loss: bool = False,
+    pad_vocab: int = 64,
+    fused_adamw: bool = True,
 ) -> dict:
     torch.manual_seed(0)
-    model = GPT(config_from_preset(preset, pad_vocab_to=64)).to(device)
+    model = GPT(config_from_preset(preset, pad_vocab_to=pad_vocab)).to(device)
     model.activation_checkpointing = activation_checkpointing
     model.fused_loss = fused_loss
-    optimizer = model.configure_optimizers(0.1, 6e-4, device_type=device.type)
+    optimizer = model.configure_optimizers(0.1, 6e-4, device_type=device.type, fused=fused_adamw)
     amp = autocast_dtype(dtype, device)
     check_attention_backend(attention, device, amp, model.config)
     step_model = compile_model(model, compile_mode) if use_compile else model
@@ -107,6 +109,8 @@ def bench_one(
         "attention": attention,
         "activation_checkpointing": activation_checkpointing,
         "fused_loss": fused_loss,
+        "pad_vocab": pad_vocab,
+        "fused_adamw": fused_adamw,
         "step_ms": round(step_s * 1000, 2),
         "tokens_per_sec": round(tokens_per_sec),
         "mfu": round(model.flops_per_token(seq_len) * tokens_per_sec / peak, 4) if peak else None,
@@ -149,12 +153,17 @@ def main(argv: list[str] | None = None) -> int:
         "--activation-checkpointing", type=int, default=0, metavar="N", help="recompute every Nth block (0: off)"
     )
     parser.add_argument("--fused-loss", action="store_true", help="chunked output layer + cross-entropy")
+    parser.add_argument("--pad-vocab", type=int, default=64, help="round the vocabulary up to a multiple of this")
+    parser.add_argument(
+        "--fused-adamw", action=argparse.BooleanOptionalAction, default=True, help="AdamW's fused kernel"
+    )
+    parser.add_argument("--save", metavar="FILE", help="also append each result to FILE as a JSON line")
     parser.add_argument("--json", action="store_true", help="one JSON object per configuration instead of a table")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 1:
         parser.error("--steps and --warmup must be >= 1")
-    if args.activation_checkpointing < 0:
-        parser.error("--activation-checkpointing must be >= 0")
+    if args.activation_checkpointing < 0 or args.pad_vocab < 1:
+        parser.error("--activation-checkpointing must be >= 0 and --pad-vocab >= 1")
     device = torch.device(args.device)
     use_compile = args.compile if args.compile is not None else device.type == "cuda"
     if args.compile_mode != "default" and not use_compile:
@@ -168,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
             f"attn={args.attention}",
             f"ac={args.activation_checkpointing}" if args.activation_checkpointing else "",
             "fused-loss" if args.fused_loss else "",
+            f"pad-vocab={args.pad_vocab}" if args.pad_vocab != 64 else "",
+            "" if args.fused_adamw else "adamw=foreach",
         )
         if part
     )
@@ -188,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
                         attention=args.attention,
                         activation_checkpointing=args.activation_checkpointing,
                         fused_loss=args.fused_loss,
+                        pad_vocab=args.pad_vocab,
+                        fused_adamw=args.fused_adamw,
                     )
                 except ConfigError as e:
                     print(f"error: {e}", file=sys.stderr)
@@ -195,9 +208,11 @@ def main(argv: list[str] | None = None) -> int:
                 except torch.OutOfMemoryError:
                     result = {"model": preset, "batch_size": batch_size, "seq_len": args.seq_len, "error": "OOM"}
                     torch.cuda.empty_cache()
-                print(
-                    json.dumps({**result, "variant": variant}) if args.json else describe(result, variant), flush=True
-                )
+                row = {**result, "variant": variant}
+                print(json.dumps(row) if args.json else describe(result, variant), flush=True)
+                if args.save:
+                    with open(args.save, "a") as f:
+                        f.write(json.dumps(row) + "\n")
     return 0
 
 

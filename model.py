@@ -245,16 +245,18 @@ class GPT(nn.Module):
         betas: tuple[float, float] = (0.9, 0.95),
         device_type: str = "cpu",
         eps: float = 1e-8,
+        fused: bool | None = None,
     ) -> torch.optim.AdamW:
         """AdamW with decay on matrices and embeddings (>= 2-D) only; biases and LayerNorm
-        gains are left alone, as decaying them only hurts. Fused kernel on CUDA and CPU."""
+        gains are left alone, as decaying them only hurts. fused=None: the fused kernel on CUDA
+        and CPU, PyTorch's per-tensor loop elsewhere."""
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        # the fused kernel is several times faster than the per-tensor loop, on CPUs too
-        fused = device_type in ("cuda", "cpu")
+        if fused is None:  # several times faster than the per-tensor loop, on CPUs too
+            fused = device_type in ("cuda", "cpu")
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=fused)
 
     # ---- sampling ----

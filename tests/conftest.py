@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT))  # the scripts are top-level modules
 
+
 def requires_gpu(test):
     """Marked `gpu` (so `pytest -m gpu` selects it on a GPU machine) and skipped without CUDA."""
     return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(test))

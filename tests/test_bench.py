@@ -7,11 +7,14 @@ import bench
 SMALL = ["--model", "tiny", "--batch-size", "2", "--seq-len", "32", "--device", "cpu", "--steps", "2", "--warmup", "1"]
 
 
-def test_json_rows_carry_the_figures_and_the_variant(capsys):
+def test_json_rows_carry_the_figures_and_the_variant(capsys, tmp_path):
     flags = ["--no-compile", "--fused-loss", "--activation-checkpointing", "2", "--attention", "math", "--json"]
+    flags += ["--pad-vocab", "1", "--no-fused-adamw", "--save", str(tmp_path / "rows.jsonl")]
     assert bench.main([*SMALL, "--batch-size", "1", "2", *flags]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert rows == [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
     assert [r["batch_size"] for r in rows] == [1, 2]
+    assert all(r["pad_vocab"] == 1 and r["fused_adamw"] is False for r in rows)
     for row in rows:
         assert row["tokens_per_sec"] > 0 and row["step_ms"] > 0
         assert row["tokens_per_sec"] == pytest.approx(row["batch_size"] * 32 / (row["step_ms"] / 1000), rel=0.01)
