@@ -1,8 +1,11 @@
 import json
+import os
+import subprocess
 
 import pytest
 
 import bench
+from conftest import ROOT
 
 SMALL = ["--model", "tiny", "--batch-size", "2", "--seq-len", "32", "--device", "cpu", "--steps", "2", "--warmup", "1"]
 
@@ -37,3 +40,26 @@ def test_compile_mode_without_compile_is_refused():
     with pytest.raises(SystemExit) as exc:
         bench.main([*SMALL, "--no-compile", "--compile-mode", "max-autotune"])
     assert exc.value.code == 2
+
+
+def test_gpu_script_runs_its_overhead_section_on_a_cpu(tiny_data, tmp_path):
+    """bench_gpu.sh is run for real only where a GPU is lent; its plumbing is checked here with
+    the tiny preset so that it does not rot in between."""
+    env = {**os.environ, "LOGS": str(tmp_path), "MODEL": "tiny", "SEQ": "32", "BATCH": "2", "DATA": str(tiny_data)}
+    result = subprocess.run(
+        ["bash", str(ROOT / "bench_gpu.sh"), "overhead"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "loop overhead" in result.stdout and "=== overhead took" in result.stdout
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert rows[-1]["model"] == "tiny" and rows[-1]["batch_size"] == 2 and rows[-1]["seq_len"] == 32
+    assert (tmp_path / "overhead.log").read_text().count("loop overhead") == 1
+
+
+def test_gpu_script_refuses_an_unknown_section_before_running_any(tmp_path):
+    env = {**os.environ, "LOGS": str(tmp_path)}
+    result = subprocess.run(
+        ["bash", str(ROOT / "bench_gpu.sh"), "gpt2", "nosuch"], env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 2 and "unknown section nosuch" in result.stderr
+    assert not (tmp_path / "gpt2.log").exists()
