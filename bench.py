@@ -119,6 +119,55 @@ def bench_one(
     }
 
 
+def activation_memory(
+    preset: str,
+    seq_len: int,
+    device: torch.device,
+    dtype: str,
+    activation_checkpointing: int = 0,
+    fused_loss: bool = False,
+    pad_vocab: int = 64,
+) -> dict:
+    """What autograd keeps for the backward pass, counted tensor by tensor (each storage once)
+    for 1 and 2 sequences: the difference is the cost of each further sequence in the
+    micro-batch; the rest is fixed per step (low-precision weight copies, the fused loss's
+    gradient of the output layer). Transient buffers (a layer's output before the next layer
+    takes it, the gradient of the logits) are not in it. Counting needs no GPU: on a CPU the
+    same model under the same autocast dtype keeps the same tensors."""
+    torch.manual_seed(0)
+    model = GPT(config_from_preset(preset, pad_vocab_to=pad_vocab)).to(device)
+    model.activation_checkpointing = activation_checkpointing
+    model.fused_loss = fused_loss
+    amp = autocast_dtype(dtype, device)
+
+    def saved_bytes(batch_size: int) -> int:
+        seen: dict[tuple, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.dtype, tuple(t.shape))
+            seen[key] = t.numel() * t.element_size()
+            return t
+
+        idx = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), device=device)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast_context(device, amp):
+            model(idx, idx)
+        return sum(seen.values())
+
+    one, two = saved_bytes(1), saved_bytes(2)
+    n_params = sum(p.numel() for p in model.parameters())
+    return {
+        "model": preset,
+        "seq_len": seq_len,
+        "dtype": str(amp).replace("torch.", "") if amp else "fp32",
+        "activation_checkpointing": activation_checkpointing,
+        "fused_loss": fused_loss,
+        "per_sequence_mib": round((two - one) / 2**20, 1),
+        "fixed_mib": round((2 * one - two) / 2**20, 1),
+        # fp32 weights, gradients and AdamW's two moments
+        "weights_grads_adam_gib": round(16 * n_params / 2**30, 2),
+    }
+
+
 def describe(result: dict, variant: str) -> str:
     """One table row."""
     head = f"{result['model']:12s} B={result['batch_size']:3d} T={result['seq_len']}"
@@ -158,6 +207,11 @@ def main(argv: list[str] | None = None) -> int:
         "--fused-adamw", action=argparse.BooleanOptionalAction, default=True, help="AdamW's fused kernel"
     )
     parser.add_argument("--save", metavar="FILE", help="also append each result to FILE as a JSON line")
+    parser.add_argument(
+        "--activation-memory",
+        action="store_true",
+        help="instead of timing, count the bytes kept for the backward pass per sequence (works on a CPU)",
+    )
     parser.add_argument("--json", action="store_true", help="one JSON object per configuration instead of a table")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 1:
@@ -173,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     variant = " ".join(
         part
         for part in (
-            f"compile={args.compile_mode if use_compile else 'off'}",
+            "" if args.activation_memory else f"compile={args.compile_mode if use_compile else 'off'}",
             f"attn={args.attention}",
             f"ac={args.activation_checkpointing}" if args.activation_checkpointing else "",
             "fused-loss" if args.fused_loss else "",
@@ -182,6 +236,27 @@ def main(argv: list[str] | None = None) -> int:
         )
         if part
     )
+    if args.activation_memory:
+        for preset in args.model:
+            with attention_context(args.attention):
+                row = activation_memory(
+                    preset,
+                    args.seq_len,
+                    device,
+                    args.dtype,
+                    args.activation_checkpointing,
+                    args.fused_loss,
+                    args.pad_vocab,
+                )
+            print(
+                json.dumps(row)
+                if args.json
+                else f"{preset:12s} T={args.seq_len} {row['dtype']:8s} {variant}  kept for backward: "
+                f"{row['per_sequence_mib']:8.1f} MiB per sequence + {row['fixed_mib']:7.1f} MiB per step; "
+                f"weights, gradients and AdamW state {row['weights_grads_adam_gib']} GiB",
+                flush=True,
+            )
+        return 0
     with attention_context(args.attention):
         for preset in args.model:
             for batch_size in args.batch_size:
