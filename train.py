@@ -672,7 +672,11 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> int:
     if d.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # gradient_as_bucket_view: gradients live in DDP's all-reduce buckets instead of being
+        # copied into them, one model-sized fp32 buffer less (6 GB at 1.5B)
+        train_model = DDP(
+            model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True
+        )
 
     if d.master:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -63,3 +63,20 @@ def test_gpu_script_refuses_an_unknown_section_before_running_any(tmp_path):
     )
     assert result.returncode == 2 and "unknown section nosuch" in result.stderr
     assert not (tmp_path / "gpt2.log").exists()
+
+
+def test_activation_memory_counts_less_with_each_memory_option(capsys):
+    base = ["--model", "tiny", "--seq-len", "128", "--device", "cpu", "--activation-memory", "--json"]
+    per_sequence = {}
+    for name, flags in {
+        "plain": [],
+        "fused": ["--fused-loss"],
+        "checkpointed": ["--activation-checkpointing", "1"],
+    }.items():
+        assert bench.main([*base, *flags]) == 0
+        row = json.loads(capsys.readouterr().out)
+        assert row["model"] == "tiny" and row["weights_grads_adam_gib"] > 0
+        per_sequence[name] = row["per_sequence_mib"]
+    # the plain loss alone keeps 128 x 50,304 fp32 log-probabilities per sequence (24.6 MiB)
+    assert per_sequence["plain"] - per_sequence["fused"] >= 128 * 50304 * 4 / 2**20
+    assert 0 < per_sequence["checkpointed"] < per_sequence["plain"]

@@ -82,9 +82,11 @@ def test_loss_falls_from_log_vocab_and_metrics_parse(tiny_data, tmp_path):
     assert json.loads((run / "config.json").read_text())["max_steps"] == 60
 
 
-def test_two_processes_match_one_process_with_double_accumulation(tiny_data, tmp_path):
+@pytest.mark.parametrize("options", [[], ["--fused-loss", "--activation-checkpointing", "1"]], ids=["plain", "fused"])
+def test_two_processes_match_one_process_with_double_accumulation(tiny_data, tmp_path, options):
     common = [
         *TINY,
+        *options,
         "--data",
         str(tiny_data),
         "--max-steps",
