@@ -221,3 +221,20 @@ def test_bf16_autocast_forward_backward_on_gpu():
     assert logits.dtype == torch.bfloat16 and torch.isfinite(loss)
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("options", [{}, {"fused_loss": True, "activation_checkpointing": 1}], ids=["plain", "fused"])
+def test_training_forward_compiles_to_one_graph(options):
+    """fullgraph=True turns any graph break into an error: the training step's forward and
+    backward stay one compiled graph, the speed options included."""
+    model = tiny(pad_vocab_to=64).train()
+    for name, value in options.items():
+        setattr(model, name, value)
+    compiled = torch.compile(model, fullgraph=True)
+    idx = torch.randint(0, 50257, (2, 32))
+    _, loss = compiled(idx, idx)
+    loss.backward()
+    _, eager_loss = model(idx, idx)
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-4, atol=1e-4)
+    assert all(p.grad is not None for p in model.parameters())
