@@ -75,7 +75,7 @@ def bench_one(
     def step() -> None:
         for _ in range(grad_accum):
             with autocast_context(device, amp):
-                _, loss = step_model(x, y)
+                loss = step_model(x, y)[1]
             (loss / grad_accum).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

@@ -273,7 +273,7 @@ def score_rows(
     with _autocast(device, autocast_dtype):
         for idx, targets, n in batches:
             idx, targets = idx.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-            _, loss = model(idx, targets, reduction="none")
+            loss = model(idx, targets, reduction="none")[1]
             sums.append(loss[:n].float().sum(dim=1))
     by_order = torch.cat(sums).cpu() if sums else torch.zeros(0)  # the one device-to-host copy
     result = torch.empty(len(rows))
@@ -366,7 +366,7 @@ def evaluate_one_at_a_time(
                 tokens, mask, label = render_example(example, tokenizer, block_size)
                 tokens, mask = tokens.to(device), mask.to(device)
                 targets = tokens[:, 1:].masked_fill(mask[:, 1:] == 0, -1)
-                _, loss = model(tokens[:, :-1].contiguous(), targets, reduction="none")
+                loss = model(tokens[:, :-1].contiguous(), targets, reduction="none")[1]
                 sums = loss.float().sum(dim=1)
                 correct += int(sums.argmin().item() == label)
                 correct_norm += int((sums / mask[:, 1:].sum(dim=1)).argmin().item() == label)

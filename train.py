@@ -412,7 +412,7 @@ def evaluate_val_loss(
         x, y = val_loader.batch_at(c)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast_context(device, amp):
-            _, loss = model(x, y)
+            loss = model(x, y)[1]
         total[0] += loss.double() * y.numel()
         total[1] += y.numel()
     if d.enabled:
@@ -789,7 +789,8 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> int:
             # all-reduce gradients only on the last micro-step
             sync = nullcontext() if not d.enabled or micro_step == grad_accum - 1 else train_model.no_sync()
             with sync, autocast_context(device, amp):
-                _, loss = train_model(x, y)
+                # [1]: the logits go at once; kept in a variable they would live through backward
+                loss = train_model(x, y)[1]
                 if inject_nan:
                     loss = loss * float("nan")
                 loss = loss / grad_accum
