@@ -614,18 +614,16 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> int:
         )
 
     out_dir = Path(cfg.out or Path("runs") / data_dir.name)
-    print0(
-        f"run directory {out_dir}; {d.world_size} process(es) on {device}, "
-        f"autocast {amp or 'off (fp32)'}, compile {use_compile}"
-        + (f" ({cfg.compile_mode})" if use_compile else "")
-        + f", attention {cfg.attention}"
-        + (
-            f", activation checkpointing every {cfg.activation_checkpointing} block(s)"
-            if cfg.activation_checkpointing
-            else ""
-        )
-        + (", fused loss" if cfg.fused_loss else "")
-    )
+    settings = [
+        f"autocast {amp or 'off (fp32)'}",
+        f"compile {cfg.compile_mode if use_compile else 'off'}",
+        f"attention {cfg.attention}",
+    ]
+    if cfg.activation_checkpointing:
+        settings.append(f"activation checkpointing every {cfg.activation_checkpointing} block(s)")
+    if cfg.fused_loss:
+        settings.append("fused loss")
+    print0(f"run directory {out_dir}; {d.world_size} process(es) on {device}; {', '.join(settings)}")
     print0(
         f"model: {model.num_params() / 1e6:.2f}M parameters (non-embedding), vocab {vocab_size} "
         f"(padded to {model.config.padded_vocab_size}), block {model.config.block_size}"
