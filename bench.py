@@ -34,6 +34,7 @@ from train import (
     check_attention_backend,
     compile_model,
     peak_flops,
+    resolve_fused_loss,
 )
 
 
@@ -201,7 +202,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--activation-checkpointing", type=int, default=0, metavar="N", help="recompute every Nth block (0: off)"
     )
-    parser.add_argument("--fused-loss", action="store_true", help="chunked output layer + cross-entropy")
+    parser.add_argument(
+        "--fused-loss",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="chunked output layer + cross-entropy (default: train.py's, on for CPU only)",
+    )
     parser.add_argument("--pad-vocab", type=int, default=64, help="round the vocabulary up to a multiple of this")
     parser.add_argument(
         "--fused-adamw", action=argparse.BooleanOptionalAction, default=True, help="AdamW's fused kernel"
@@ -219,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.activation_checkpointing < 0 or args.pad_vocab < 1:
         parser.error("--activation-checkpointing must be >= 0 and --pad-vocab >= 1")
     device = torch.device(args.device)
+    args.fused_loss = resolve_fused_loss(args.fused_loss, device)
     use_compile = args.compile if args.compile is not None else device.type == "cuda"
     if args.compile_mode != "default" and not use_compile:
         parser.error(f"--compile-mode {args.compile_mode} needs --compile")

@@ -82,7 +82,9 @@ def test_loss_falls_from_log_vocab_and_metrics_parse(tiny_data, tmp_path):
     assert json.loads((run / "config.json").read_text())["max_steps"] == 60
 
 
-@pytest.mark.parametrize("options", [[], ["--fused-loss", "--activation-checkpointing", "1"]], ids=["plain", "fused"])
+@pytest.mark.parametrize(
+    "options", [["--no-fused-loss"], ["--fused-loss", "--activation-checkpointing", "1"]], ids=["plain", "fused"]
+)
 def test_two_processes_match_one_process_with_double_accumulation(tiny_data, tmp_path, options):
     common = [
         *TINY,
@@ -168,6 +170,7 @@ def test_compiled_run_matches_eager_loss_curve(tiny_data, tmp_path):
         "0",
         "--checkpoint-every",
         "0",
+        "--no-fused-loss",
     ]
     assert train.main([*common, "--out", str(tmp_path / "eager"), "--no-compile"]) == 0
     assert train.main([*common, "--out", str(tmp_path / "compiled"), "--compile"]) == 0
@@ -194,7 +197,7 @@ def test_memory_and_speed_options_keep_the_loss_curve(tiny_data, tmp_path):
     common = [*TINY, "--data", str(tiny_data), "--max-steps", "100", "--eval-every", "0", "--checkpoint-every", "0"]
     # dropout on: checkpointed blocks must replay the same masks (the CPU flash kernel has no dropout)
     options = ["--fused-loss", "--activation-checkpointing", "1", "--attention", "math", "--dropout", "0.1"]
-    assert train.main([*common, "--dropout", "0.1", "--out", str(tmp_path / "plain")]) == 0
+    assert train.main([*common, "--no-fused-loss", "--dropout", "0.1", "--out", str(tmp_path / "plain")]) == 0
     assert train.main([*common, *options, "--out", str(tmp_path / "optimised")]) == 0
     plain, optimised = train_losses(tmp_path / "plain"), train_losses(tmp_path / "optimised")
     assert sorted(plain) == sorted(optimised) == list(range(100))
@@ -212,13 +215,21 @@ def test_memory_and_speed_options_keep_the_loss_curve_on_gpu(tiny_data, tmp_path
     common = [*flags, "--device", "cuda", "--compile", "--dtype", "bf16", "--data", str(tiny_data)]
     common += ["--max-steps", "100", "--eval-every", "50", "--checkpoint-every", "0"]
     options = ["--fused-loss", "--activation-checkpointing", "1", "--attention", "flash"]
-    assert train.main([*common, "--out", str(tmp_path / "plain")]) == 0
+    assert train.main([*common, "--no-fused-loss", "--out", str(tmp_path / "plain")]) == 0
     assert train.main([*common, *options, "--out", str(tmp_path / "optimised")]) == 0
     plain, optimised = train_losses(tmp_path / "plain"), train_losses(tmp_path / "optimised")
     for start in range(0, 100, 20):
         window = range(start, start + 20)
         assert sum(optimised[s] for s in window) / 20 == pytest.approx(sum(plain[s] for s in window) / 20, abs=0.05)
     assert plain[99] < plain[0] - 2.0
+
+
+@pytest.mark.parametrize("flags, fused", [([], True), (["--no-fused-loss"], False), (["--fused-loss"], True)])
+def test_fused_loss_is_the_cpu_default_and_can_be_turned_off(tiny_data, tmp_path, capsys, flags, fused):
+    common = [*TINY, "--data", str(tiny_data), "--out", str(tmp_path / "run"), "--max-steps", "1", "--eval-every", "0"]
+    assert train.main([*common, *flags]) == 0
+    first_line = capsys.readouterr().out.splitlines()[0]
+    assert first_line.startswith("run directory") and ("fused loss" in first_line) == fused
 
 
 def test_hellaswag_in_the_loop_logs_accuracy(tiny_data, tmp_path):
