@@ -4,8 +4,10 @@
 #
 #   bash bench_gpu.sh tests gpt2          # GPU tests; GPT-2 124M at micro-batch 8 to 64
 #   bash bench_gpu.sh variants overhead   # each speed option alone at one batch; train.py vs bench.py
+#   bash bench_gpu.sh modes               # torch.compile's max-autotune and CUDA-graph modes (slow to compile)
 #   bash bench_gpu.sh xl hellaswag        # GPT-2 1.5B with and without activation checkpointing; HellaSwag
 #
+# No argument runs them all; the lines above are meant to fit one 10-minute call each.
 # Environment (all optional):
 #   LOGS            folder for the logs and results.jsonl (default bench_logs)
 #   BATCH           124M micro-batch for the variants and the overhead run (default 32)
@@ -27,7 +29,7 @@ MODEL=${MODEL:-gpt2}
 XL=${XL:-gpt2-xl}
 SEQ=${SEQ:-1024}
 RESULTS="$LOGS/results.jsonl"
-SECTIONS="tests gpt2 variants overhead xl hellaswag"
+SECTIONS="tests gpt2 variants overhead modes xl hellaswag"
 mkdir -p "$LOGS"
 export PYTHONUNBUFFERED=1
 
@@ -62,11 +64,16 @@ section_variants() {
     bench "${common[@]}" --attention flash
     bench "${common[@]}" --attention cudnn
     bench "${common[@]}" --attention efficient
-    bench "${common[@]}" --compile-mode max-autotune-no-cudagraphs
-    bench "${common[@]}" --compile-mode reduce-overhead
     bench "${common[@]}" --pad-vocab 1
     bench "${common[@]}" --no-fused-adamw
     bench "${common[@]}" --no-compile
+    return $status
+}
+
+section_modes() {
+    local common=(--model "$MODEL" --batch-size "$BATCH" --steps 20 --warmup 5)
+    bench "${common[@]}" --compile-mode max-autotune-no-cudagraphs
+    bench "${common[@]}" --compile-mode reduce-overhead
     return $status
 }
 
