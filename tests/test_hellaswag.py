@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import shutil
@@ -164,7 +165,9 @@ def _gloo_rank(rank: int, world_size: int, store: str, weights: str, data_file: 
     import torch.distributed as dist
 
     torch.set_num_threads(1)  # two processes on a small CPU
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
+    # a bounded wait: a rank that never arrives fails the test instead of hanging it
+    timeout = datetime.timedelta(seconds=120)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size, timeout=timeout)
     try:
         model = tiny_model()
         model.load_state_dict(torch.load(weights))
