@@ -43,6 +43,20 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def build_model(
+    preset: str, device: torch.device, pad_vocab: int, activation_checkpointing: int, fused_loss: bool
+) -> GPT:
+    torch.manual_seed(0)
+    model = GPT(config_from_preset(preset, pad_vocab_to=pad_vocab)).to(device)
+    model.activation_checkpointing = activation_checkpointing
+    model.fused_loss = fused_loss
+    return model
+
+
+def dtype_name(amp: torch.dtype | None) -> str:
+    return str(amp).replace("torch.", "") if amp else "fp32"
+
+
 def bench_one(
     preset: str,
     batch_size: int,
@@ -60,10 +74,7 @@ def bench_one(
     pad_vocab: int = 64,
     fused_adamw: bool = True,
 ) -> dict:
-    torch.manual_seed(0)
-    model = GPT(config_from_preset(preset, pad_vocab_to=pad_vocab)).to(device)
-    model.activation_checkpointing = activation_checkpointing
-    model.fused_loss = fused_loss
+    model = build_model(preset, device, pad_vocab, activation_checkpointing, fused_loss)
     optimizer = model.configure_optimizers(0.1, 6e-4, device_type=device.type, fused=fused_adamw)
     amp = autocast_dtype(dtype, device)
     check_attention_backend(attention, device, amp, model.config)
@@ -105,7 +116,7 @@ def bench_one(
         "seq_len": seq_len,
         "grad_accum": grad_accum,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
-        "dtype": str(amp).replace("torch.", "") if amp else "fp32",
+        "dtype": dtype_name(amp),
         "compile": compile_mode if use_compile else False,
         "attention": attention,
         "activation_checkpointing": activation_checkpointing,
@@ -129,37 +140,34 @@ def activation_memory(
     fused_loss: bool = False,
     pad_vocab: int = 64,
 ) -> dict:
-    """What autograd keeps for the backward pass, counted tensor by tensor (each storage once)
-    for 1 and 2 sequences: the difference is the cost of each further sequence in the
-    micro-batch; the rest is fixed per step (low-precision weight copies, the fused loss's
-    gradient of the output layer). Transient buffers (a layer's output before the next layer
-    takes it, the gradient of the logits) are not in it. Counting needs no GPU: on a CPU the
-    same model under the same autocast dtype keeps the same tensors."""
-    torch.manual_seed(0)
-    model = GPT(config_from_preset(preset, pad_vocab_to=pad_vocab)).to(device)
-    model.activation_checkpointing = activation_checkpointing
-    model.fused_loss = fused_loss
+    """The memory autograd keeps alive for the backward pass (the storages behind the saved
+    tensors, each counted once, views included in their storage) for 1 and 2 sequences: the
+    difference is the cost of each further sequence in the micro-batch; the rest is fixed per
+    step (low-precision weight copies, the fused loss's gradient of the output layer).
+    Transient buffers (a layer's output before the next layer takes it, the gradient of the
+    logits) are not in it. It runs on a CPU: the model and autocast keep the same tensors there,
+    except that the attention kernel's own buffers may differ from a GPU kernel's."""
+    model = build_model(preset, device, pad_vocab, activation_checkpointing, fused_loss)
     amp = autocast_dtype(dtype, device)
 
     def saved_bytes(batch_size: int) -> int:
-        seen: dict[tuple, int] = {}
+        storages: dict[int, int] = {}
 
         def pack(t: torch.Tensor) -> torch.Tensor:
-            key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.dtype, tuple(t.shape))
-            seen[key] = t.numel() * t.element_size()
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
             return t
 
         idx = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), device=device)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast_context(device, amp):
             model(idx, idx)
-        return sum(seen.values())
+        return sum(storages.values())
 
     one, two = saved_bytes(1), saved_bytes(2)
     n_params = sum(p.numel() for p in model.parameters())
     return {
         "model": preset,
         "seq_len": seq_len,
-        "dtype": str(amp).replace("torch.", "") if amp else "fp32",
+        "dtype": dtype_name(amp),
         "activation_checkpointing": activation_checkpointing,
         "fused_loss": fused_loss,
         "per_sequence_mib": round((two - one) / 2**20, 1),

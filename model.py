@@ -129,8 +129,8 @@ class GPT(nn.Module):
     change memory and speed but never the function computed (checkpoints and exports ignore them):
 
     activation_checkpointing: N > 0 recomputes every Nth block's activations in the backward
-        pass instead of storing them (1: every block), trading about a third more compute in
-        those blocks for their activation memory; what lets the largest presets fit.
+        pass instead of storing them (1: every block): those blocks run their forward pass
+        twice, for most of their activation memory; meant for models that do not fit otherwise.
     fused_loss: compute the output layer and the cross-entropy a chunk of positions at a time
         (linear_cross_entropy.py), so the full (B, T, vocabulary) logits are never held; the
         training forward then returns None for logits.
