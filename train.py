@@ -46,6 +46,7 @@ from tokenizer import TokenizerError, get_tokenizer
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_NONFINITE, EXIT_PREEMPTED = 0, 1, 2, 3, 75
 DEFAULT_CORPUS = "tinyshakespeare"
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE_SCOPES = ("model", "blocks")
 ATTENTION_BACKENDS = {
     "flash": SDPBackend.FLASH_ATTENTION,
     "cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -102,6 +103,12 @@ class TrainConfig:
         "default",
         "torch.compile mode; reduce-overhead replays CUDA graphs, max-autotune also searches matmul kernels",
         choices=list(COMPILE_MODES),
+    )
+    compile_scope: str = _flag(
+        "model",
+        "what torch.compile compiles: model (one graph, the most fusion) or blocks (each block and the output "
+        "layer apart: the blocks share one compilation, so compile time stops growing with depth)",
+        choices=list(COMPILE_SCOPES),
     )
     attention: str = _flag(
         "auto",
@@ -460,8 +467,28 @@ def resolve_fused_loss(flag: bool | None, device: torch.device) -> bool:
     return flag if flag is not None else device.type == "cpu"
 
 
-def compile_model(model: torch.nn.Module, mode: str) -> torch.nn.Module:
-    return torch.compile(model, mode=None if mode == "default" else mode)
+def compile_model(model: GPT, mode: str, scope: str = "model") -> torch.nn.Module:
+    """The model to train with. Scope model: one graph for the whole forward pass, a wrapper
+    around the module. Scope blocks: each transformer block and the output half
+    (GPT.logits_and_loss) are compiled in place and the module itself is returned. The blocks are
+    alike, so after the first one they reuse its compiled code: compile time no longer grows with
+    depth (5x less for a 48-layer model on a CPU, BENCHMARKS.md). What it gives up is fusion across
+    block boundaries (a residual add with the next LayerNorm)."""
+    options = {"mode": None if mode == "default" else mode}
+    if scope == "model":
+        return torch.compile(model, **options)
+    for block in model.transformer.h:
+        block.compile(**options)
+    model.logits_and_loss = torch.compile(model.logits_and_loss, **options)
+    return model
+
+
+def uncompiled():
+    """Runs compiled code eagerly inside it (torch >= 2.6): generation grows the sequence by one
+    token per call, and would otherwise recompile the blocks that --compile-scope blocks compiled
+    in place. Older versions recompile once, with a dynamic length."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance is not None else nullcontext()
 
 
 @torch.no_grad()
@@ -472,7 +499,7 @@ def sample_texts(
     prompt = tokenizer.encode(cfg.sample_prompt) or [tokenizer.eot_id]
     idx = torch.tensor([prompt] * cfg.num_samples, dtype=torch.long, device=device)
     gen = torch.Generator(device=device).manual_seed(seed)
-    with autocast_context(device, amp):
+    with autocast_context(device, amp), uncompiled():
         out = model.generate(idx, cfg.sample_tokens, temperature=1.0, top_k=50, generator=gen)
     model.train()
     return [tokenizer.decode(row.tolist()) for row in out]
@@ -585,10 +612,14 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> int:
     # Shards made by other projects have no meta.json and hold GPT-2 tokens.
     data_meta = read_meta(data_dir)
     vocab_size = data_meta["vocab_size"] if data_meta else 50257
-    if cfg.compile_mode != "default" and not use_compile:
-        raise ConfigError(
-            f"--compile-mode {cfg.compile_mode} needs torch.compile, which is on by default only on CUDA: add --compile"
-        )
+    for name, value, default in (
+        ("compile-mode", cfg.compile_mode, "default"),
+        ("compile-scope", cfg.compile_scope, "model"),
+    ):
+        if value != default and not use_compile:
+            raise ConfigError(
+                f"--{name} {value} needs torch.compile, which is on by default only on CUDA: add --compile"
+            )
     model = build_model(cfg, vocab_size, print0).to(device)
     model.activation_checkpointing = cfg.activation_checkpointing
     model.fused_loss = resolve_fused_loss(cfg.fused_loss, device)
@@ -626,7 +657,7 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> int:
     out_dir = Path(cfg.out or Path("runs") / data_dir.name)
     settings = [
         f"autocast {amp or 'off (fp32)'}",
-        f"compile {cfg.compile_mode if use_compile else 'off'}",
+        f"compile {cfg.compile_mode}, scope {cfg.compile_scope}" if use_compile else "compile off",
         f"attention {cfg.attention}",
     ]
     if cfg.activation_checkpointing:
@@ -675,7 +706,7 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> int:
 
     raw_model = model
     if use_compile:
-        model = compile_model(model, cfg.compile_mode)
+        model = compile_model(model, cfg.compile_mode, cfg.compile_scope)
     train_model = model
     if d.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -779,7 +810,8 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> int:
                 }
             )
         if sample_due and d.master:
-            # the uncompiled module: generation grows the sequence every token, which would recompile
+            # without the compile and DDP wrappers, and run eagerly (uncompiled()): generation grows
+            # the sequence every token, which would recompile
             for text in sample_texts(raw_model, tokenizer, cfg, device, cfg.seed, amp):
                 print0(f"step {step:6d} | sample: {text!r}")
 

@@ -3,6 +3,7 @@ import os
 import subprocess
 
 import pytest
+import torch
 
 import bench
 from conftest import ROOT
@@ -43,6 +44,31 @@ def test_compile_mode_without_compile_is_refused():
     assert exc.value.code == 2
 
 
+def test_compile_scope_without_compile_is_refused():
+    with pytest.raises(SystemExit) as exc:
+        bench.main([*SMALL, "--no-compile", "--compile-scope", "blocks"])
+    assert exc.value.code == 2
+
+
+def test_each_batch_size_is_compiled_with_static_shapes(monkeypatch, capsys):
+    """Batch sizes timed one after the other in one process must each get the static graph a
+    training run would get: dynamo, seeing the batch dimension change twice, would otherwise
+    compile a graph with a symbolic batch size for the third."""
+    dynamic = []
+
+    def recording_backend(gm, example_inputs):
+        dims = [d for t in example_inputs if isinstance(t, torch.Tensor) for d in t.shape]
+        dynamic.append(any(isinstance(v, torch.SymInt) for v in [*example_inputs, *dims]))
+        return gm.forward
+
+    monkeypatch.setattr(
+        bench, "compile_model", lambda model, mode, scope: torch.compile(model, backend=recording_backend)
+    )
+    assert bench.main([*SMALL, "--batch-size", "1", "2", "3", "--compile", "--no-fused-loss", "--json"]) == 0
+    assert [json.loads(line)["batch_size"] for line in capsys.readouterr().out.splitlines()] == [1, 2, 3]
+    assert dynamic == [False, False, False]
+
+
 def test_gpu_script_runs_its_overhead_section_on_a_cpu(tiny_data, tmp_path):
     """bench_gpu.sh is run for real only where a GPU is lent; its plumbing is checked here with
     the tiny preset so that it does not rot in between."""
@@ -52,18 +78,32 @@ def test_gpu_script_runs_its_overhead_section_on_a_cpu(tiny_data, tmp_path):
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "loop overhead" in result.stdout and "=== overhead took" in result.stdout
+    assert "=== results" in result.stdout  # the closing table
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert rows[-1]["model"] == "tiny" and rows[-1]["batch_size"] == 2 and rows[-1]["seq_len"] == 32
     assert (tmp_path / "overhead.log").read_text().count("loop overhead") == 1
 
 
-def test_gpu_script_refuses_an_unknown_section_before_running_any(tmp_path):
+def test_gpu_script_refuses_an_unknown_item_before_running_any(tmp_path):
     env = {**os.environ, "LOGS": str(tmp_path)}
     result = subprocess.run(
         ["bash", str(ROOT / "bench_gpu.sh"), "gpt2", "nosuch"], env=env, capture_output=True, text=True
     )
-    assert result.returncode == 2 and "unknown section nosuch" in result.stderr
+    assert result.returncode == 2 and "unknown item nosuch" in result.stderr
     assert not (tmp_path / "gpt2.log").exists()
+
+
+def test_gpu_script_starts_only_the_items_that_fit_its_budget(tmp_path):
+    """With BUDGET_S an item starts only if its estimate fits in what is left: here env (10 s)
+    runs and gpt2 (90 s) is skipped and said to be, not started and cut off by the lease."""
+    env = {**os.environ, "LOGS": str(tmp_path), "BUDGET_S": "30"}
+    result = subprocess.run(
+        ["bash", str(ROOT / "bench_gpu.sh"), "env", "gpt2"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "=== env took" in result.stdout and "torch" in (tmp_path / "env.log").read_text()
+    assert "=== gpt2 skipped: expected to take 90 s" in result.stdout
+    assert not (tmp_path / "gpt2.log").exists() and not (tmp_path / "results.jsonl").exists()
 
 
 def test_activation_memory_counts_less_with_each_memory_option(capsys):

@@ -1,7 +1,9 @@
+import copy
 import json
 import math
 
 import pytest
+import torch
 
 import train
 from conftest import requires_gpu
@@ -20,6 +22,7 @@ from runs import TINY, read_metrics, run_train, train_losses
         (["--n-head", "3"], "divisible by n_head"),
         (["--min-lr", "1.0"], "--min-lr must be between"),
         (["--compile-mode", "max-autotune"], "needs torch.compile"),
+        (["--compile-scope", "blocks"], "needs torch.compile"),
         (["--activation-checkpointing", "-1"], "--activation-checkpointing must be >= 0"),
         (["--attention", "cudnn"], "--attention cudnn: this kernel does not run on cpu"),
     ],
@@ -114,6 +117,42 @@ def test_two_processes_match_one_process_with_double_accumulation(tiny_data, tmp
     assert "world_size" in read_metrics(tmp_path / "two")[0] and read_metrics(tmp_path / "two")[0]["world_size"] == 2
 
 
+def test_compile_scope_blocks_shares_one_block_graph_and_matches_eager(monkeypatch):
+    """Each block and the output half are compiled apart; the blocks are alike, so dynamo traces
+    one graph for all of them (where it inlines nn.Module calls, torch >= 2.5) and the
+    output half another. Traced through AOTAutograd without code generation, which keeps it fast;
+    the slow test below trains with the real compiler."""
+    from torch._dynamo.backends.debugging import aot_eager
+
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return aot_eager(gm, example_inputs)
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, mode=None, **kw: real_compile(fn, backend=counting_backend, **kw))
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = train.GPT(train.config_from_preset("tiny", n_layer=3))
+    eager.fused_loss, eager.activation_checkpointing = True, 1
+    compiled = copy.deepcopy(eager)
+    assert train.compile_model(compiled, "default", "blocks") is compiled  # compiled in place
+    idx = torch.randint(0, 50257, (2, 32))
+    losses = []
+    for model in (eager, compiled):
+        loss = model(idx, idx)[1]
+        loss.backward()
+        losses.append(loss)
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    for (name, p_eager), (_, p_compiled) in zip(eager.named_parameters(), compiled.named_parameters()):
+        torch.testing.assert_close(p_compiled.grad, p_eager.grad, rtol=1e-4, atol=1e-6, msg=name)
+    shares = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
+    assert len(graphs) == (2 if shares else 4)  # one per block without inlining
+    # the weights are the module's own: checkpoints made from it load into a plain GPT
+    assert set(compiled.state_dict()) == set(eager.state_dict())
+
+
 def test_plot_writes_png(tiny_data, tmp_path):
     pytest.importorskip("matplotlib")
     run = tmp_path / "run"
@@ -176,9 +215,10 @@ def test_compiled_run_matches_eager_loss_curve(tiny_data, tmp_path):
     assert train.main([*common, "--out", str(tmp_path / "compiled"), "--compile"]) == 0
     fused = ["--compile", "--fused-loss", "--activation-checkpointing", "1"]
     assert train.main([*common, "--out", str(tmp_path / "compiled_fused"), *fused]) == 0
+    assert train.main([*common, "--out", str(tmp_path / "blocks_fused"), *fused, "--compile-scope", "blocks"]) == 0
     eager = train_losses(tmp_path / "eager")
     assert eager[199] < eager[0] - 3.0
-    for name in ("compiled", "compiled_fused"):
+    for name in ("compiled", "compiled_fused", "blocks_fused"):
         optimised = train_losses(tmp_path / name)
         assert sorted(eager) == sorted(optimised) == list(range(200))
         # Early steps agree to rounding; later, rounding differences compound as in any two
@@ -214,7 +254,7 @@ def test_memory_and_speed_options_keep_the_loss_curve_on_gpu(tiny_data, tmp_path
     flags = [a for a in TINY if a not in ("--device", "cpu", "--no-compile")]
     common = [*flags, "--device", "cuda", "--compile", "--dtype", "bf16", "--data", str(tiny_data)]
     common += ["--max-steps", "100", "--eval-every", "50", "--checkpoint-every", "0"]
-    options = ["--fused-loss", "--activation-checkpointing", "1", "--attention", "flash"]
+    options = ["--fused-loss", "--activation-checkpointing", "1", "--attention", "flash", "--compile-scope", "blocks"]
     assert train.main([*common, "--no-fused-loss", "--out", str(tmp_path / "plain")]) == 0
     assert train.main([*common, *options, "--out", str(tmp_path / "optimised")]) == 0
     plain, optimised = train_losses(tmp_path / "plain"), train_losses(tmp_path / "optimised")
