@@ -26,7 +26,11 @@ declare -A ESTIMATE_S=(
     [modes]=300         # torch.compile max-autotune-no-cudagraphs and reduce-overhead
 )
 # Environment (all optional):
-#   LOGS            folder for the logs and results.jsonl (default bench_logs; $OUT on a leased machine)
+#   LOGS            where the results go: bench_gpu.log (everything printed), results.jsonl (a row per
+#                   configuration timed) and overhead_metrics.jsonl (default bench_logs; $OUT on a
+#                   leased machine, which returns few files: nothing else is written there)
+#   SCRATCH         for the rest: installed wheels, the overhead run's directory (default: a new
+#                   temporary folder, removed at the end)
 #   BUDGET_S        seconds this call may spend on items (default: no limit)
 #   BATCH           124M micro-batch for the single-batch items (default 32)
 #   DATA            prepared data for the overhead item (default data/tinyshakespeare, which a
@@ -49,6 +53,7 @@ MODEL=${MODEL:-gpt2}
 XL=${XL:-gpt2-xl}
 SEQ=${SEQ:-1024}
 RESULTS="$LOGS/results.jsonl"
+LOG="$LOGS/bench_gpu.log"
 export PYTHONUNBUFFERED=1
 
 # ---- pack: runs where the network is, fills a folder to carry to the GPU machine ----
@@ -82,10 +87,14 @@ for name in "${@:-${ORDER[@]}}"; do
         exit 2
     fi
 done
-mkdir -p "$LOGS"
+mkdir -p "$LOGS" || exit 1
+if [[ -z "${SCRATCH:-}" ]]; then
+    SCRATCH=$(mktemp -d) || exit 1
+    trap 'rm -rf "$SCRATCH"' EXIT
+fi
 if [[ -n "${WHEELS:-}" ]]; then
-    python3 -m pip install -q --no-index --no-deps --target "$LOGS/site" "$WHEELS"/*.whl || exit 1
-    export PYTHONPATH="$PWD/$LOGS/site${PYTHONPATH:+:$PYTHONPATH}"
+    python3 -m pip install -q --no-index --no-deps --target "$SCRATCH/site" "$WHEELS"/*.whl || exit 1
+    export PYTHONPATH="$(cd "$SCRATCH/site" && pwd)${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
 # ---- the items ----
@@ -135,16 +144,17 @@ item_overhead() {
     # the loss) and through bench.py (random tokens already on the device): the difference is
     # what the training loop costs beyond the model and the optimizer. bench.py's figure is the
     # gpt2 item's where this call has one.
-    local run="$LOGS/overhead_run"
+    local run="$SCRATCH/overhead_run"
     rm -rf "$run"
     step python3 train.py --data "$DATA" --out "$run" --model "$MODEL" --batch-size "$BATCH" --seq-len "$SEQ" \
         --max-steps 60 --eval-every 0 --checkpoint-every 0 --num-samples 1 --sample-tokens 8 \
         --resume never --log-every 10
+    cp "$run/metrics.jsonl" "$LOGS/overhead_metrics.jsonl"
     overhead_report 2>/dev/null || { bench "${GPT2[@]}" && step overhead_report; }
 }
 
 overhead_report() {
-    python3 - "$LOGS/overhead_run/metrics.jsonl" "$RESULTS" "$MODEL" "$BATCH" "$SEQ" <<'PY'
+    python3 - "$LOGS/overhead_metrics.jsonl" "$RESULTS" "$MODEL" "$BATCH" "$SEQ" <<'PY'
 import json
 import statistics
 import sys
@@ -176,28 +186,35 @@ PY
 # ---- run them ----
 
 failures=0
+summary=()
 start_all=$SECONDS
 for name in "${@:-${ORDER[@]}}"; do
     used=$((SECONDS - start_all))
     if ((BUDGET_S > 0 && used + ESTIMATE_S[$name] > BUDGET_S)); then
-        echo "=== $name skipped: expected to take ${ESTIMATE_S[$name]} s, $((BUDGET_S - used)) s of the budget left"
+        echo "=== $name skipped: expected to take ${ESTIMATE_S[$name]} s, $((BUDGET_S - used)) s of the budget left" | tee -a "$LOG"
+        summary+=("$name: skipped")
         continue
     fi
-    echo "=== $name ($(date -u +%FT%TZ))"
+    echo "=== $name ($(date -u +%FT%TZ))" | tee -a "$LOG"
     start=$SECONDS
     status=0
-    "item_$name" > >(tee "$LOGS/$name.log") 2>&1
+    "item_$name" > >(tee -a "$LOG") 2>&1
     wait $! 2>/dev/null
+    outcome="took $((SECONDS - start)) s (expected ${ESTIMATE_S[$name]} s)"
     if ((status != 0)); then
-        echo "=== $name FAILED"
+        outcome="FAILED, $outcome"
         failures=$((failures + 1))
     fi
-    echo "=== $name took $((SECONDS - start)) s (expected ${ESTIMATE_S[$name]} s)"
+    echo "=== $name $outcome" | tee -a "$LOG"
+    summary+=("$name: $outcome")
 done
 
-if [[ -s "$RESULTS" ]]; then
-    echo "=== results ($RESULTS)"
-    python3 - "$RESULTS" <<'PY'
+{
+    echo "=== items"
+    printf '%s\n' "${summary[@]}"
+    if [[ -s "$RESULTS" ]]; then
+        echo "=== results ($RESULTS)"
+        python3 - "$RESULTS" <<'PY'
 import json
 import sys
 
@@ -207,5 +224,6 @@ for line in open(sys.argv[1]):
     row = json.loads(line)
     print(describe(row, row.get("variant", "")))
 PY
-fi
+    fi
+} 2>&1 | tee -a "$LOG"
 exit "$failures"

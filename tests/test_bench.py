@@ -69,19 +69,24 @@ def test_each_batch_size_is_compiled_with_static_shapes(monkeypatch, capsys):
     assert dynamic == [False, False, False]
 
 
-def test_gpu_script_runs_its_overhead_section_on_a_cpu(tiny_data, tmp_path):
+def test_gpu_script_runs_its_overhead_item_on_a_cpu(tiny_data, tmp_path):
     """bench_gpu.sh is run for real only where a GPU is lent; its plumbing is checked here with
-    the tiny preset so that it does not rot in between."""
-    env = {**os.environ, "LOGS": str(tmp_path), "MODEL": "tiny", "SEQ": "32", "BATCH": "2", "DATA": str(tiny_data)}
+    the tiny preset so that it does not rot in between. The results folder holds only the few
+    files a leased machine sends back."""
+    logs, scratch = tmp_path / "logs", tmp_path / "scratch"
+    env = {**os.environ, "LOGS": str(logs), "SCRATCH": str(scratch), "MODEL": "tiny", "SEQ": "32", "BATCH": "2"}
+    env["DATA"] = str(tiny_data)
     result = subprocess.run(
         ["bash", str(ROOT / "bench_gpu.sh"), "overhead"], env=env, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "loop overhead" in result.stdout and "=== overhead took" in result.stdout
-    assert "=== results" in result.stdout  # the closing table
-    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert "=== items\noverhead: took" in result.stdout and "=== results" in result.stdout  # the closing tables
+    rows = [json.loads(line) for line in (logs / "results.jsonl").read_text().splitlines()]
     assert rows[-1]["model"] == "tiny" and rows[-1]["batch_size"] == 2 and rows[-1]["seq_len"] == 32
-    assert (tmp_path / "overhead.log").read_text().count("loop overhead") == 1
+    assert (logs / "bench_gpu.log").read_text().count("loop overhead") == 1
+    assert sorted(p.name for p in logs.iterdir()) == ["bench_gpu.log", "overhead_metrics.jsonl", "results.jsonl"]
+    assert (scratch / "overhead_run" / "metrics.jsonl").is_file()
 
 
 def test_gpu_script_refuses_an_unknown_item_before_running_any(tmp_path):
@@ -90,7 +95,7 @@ def test_gpu_script_refuses_an_unknown_item_before_running_any(tmp_path):
         ["bash", str(ROOT / "bench_gpu.sh"), "gpt2", "nosuch"], env=env, capture_output=True, text=True
     )
     assert result.returncode == 2 and "unknown item nosuch" in result.stderr
-    assert not (tmp_path / "gpt2.log").exists()
+    assert not (tmp_path / "bench_gpu.log").exists()
 
 
 def test_gpu_script_starts_only_the_items_that_fit_its_budget(tmp_path):
@@ -101,9 +106,10 @@ def test_gpu_script_starts_only_the_items_that_fit_its_budget(tmp_path):
         ["bash", str(ROOT / "bench_gpu.sh"), "env", "gpt2"], env=env, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "=== env took" in result.stdout and "torch" in (tmp_path / "env.log").read_text()
+    assert "=== env took" in result.stdout and "torch" in (tmp_path / "bench_gpu.log").read_text()
     assert "=== gpt2 skipped: expected to take 90 s" in result.stdout
-    assert not (tmp_path / "gpt2.log").exists() and not (tmp_path / "results.jsonl").exists()
+    assert "gpt2: skipped" in result.stdout.split("=== items")[1]
+    assert not (tmp_path / "results.jsonl").exists()
 
 
 def test_activation_memory_counts_less_with_each_memory_option(capsys):
