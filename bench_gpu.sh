@@ -9,15 +9,15 @@
 # Items, each with the seconds it is expected to take on an H100 or H200, compilation included
 # (estimates, to be corrected from the first GPU run's "took" lines). With BUDGET_S set, an item
 # starts only if its estimate fits in what is left, so one call never starts what it cannot finish.
-ORDER=(env gpt2 gpt2-blocks gpt2-fused xl tests overhead gpt2-batch attention xl-ac variants hellaswag modes)
+ORDER=(env gpt2 xl overhead tests gpt2-fused gpt2-blocks gpt2-batch attention xl-ac variants hellaswag modes)
 declare -A ESTIMATE_S=(
     [env]=10            # the GPU, the driver, torch and CUDA versions
     [gpt2]=90           # 124M at micro-batch 32: the headline tokens/s, MFU, memory, compile time
-    [gpt2-blocks]=60    # the same, compiled block by block (--compile-scope blocks)
-    [gpt2-fused]=90     # the same with the fused output layer and loss
     [xl]=150            # 1.5B at micro-batch 8, block by block: does it fit, at what MFU
-    [tests]=180         # pytest -m gpu: bf16, compiled runs, the options' loss curves
     [overhead]=100      # train.py against bench.py at the gpt2 item's shape: the loop's share
+    [tests]=180         # pytest -m gpu: bf16, compiled runs, the options' loss curves
+    [gpt2-fused]=90     # the gpt2 item with the fused output layer and loss
+    [gpt2-blocks]=60    # the gpt2 item compiled block by block (--compile-scope blocks)
     [gpt2-batch]=150    # 124M at micro-batch 16 and 64
     [attention]=150     # SDPA restricted to cuDNN, then to flash
     [xl-ac]=150         # 1.5B at micro-batch 16 with every block checkpointed and the fused loss
