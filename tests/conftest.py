@@ -3,11 +3,18 @@ are used when present and the tests that need them skip otherwise."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
-import pytest
-import torch
+# Several tests compare runs bit for bit. With MKL's own threads, an elementwise kernel right
+# after a matmul gave different last digits in some fresh processes (an Intel Xeon, torch
+# 2.13's CPU build: exp gave one of two results in 5 of 30 processes; with one MKL thread, 30
+# of 30 agreed). Set before torch loads MKL; subprocesses inherit it.
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
