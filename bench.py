@@ -13,7 +13,7 @@ clipping, fused AdamW) on random tokens, so the figures isolate the model and op
 data loading. Warm-up steps, which include compilation, are timed apart; the reported
 figures are the median over the timed steps, with the device synchronised around each.
 Each configuration is compiled afresh, as a training run would compile it: sharing torch.compile's
-cache between batch sizes would make the batch dimension dynamic from the third one on.
+cache between batch sizes made the batch dimension dynamic from the second one on.
 """
 
 from __future__ import annotations

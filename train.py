@@ -471,9 +471,9 @@ def compile_model(model: GPT, mode: str, scope: str = "model") -> torch.nn.Modul
     """The model to train with. Scope model: one graph for the whole forward pass, a wrapper
     around the module. Scope blocks: each transformer block and the output half
     (GPT.logits_and_loss) are compiled in place and the module itself is returned. The blocks are
-    alike, so after the first one they reuse its compiled code: compile time no longer grows with
-    depth (5x less for a 48-layer model on a CPU, BENCHMARKS.md). What it gives up is fusion across
-    block boundaries (a residual add with the next LayerNorm)."""
+    alike, so (torch >= 2.5) after the first one they reuse its compiled code: compile time grows
+    far less with depth (4.9x less for 48 layers on a CPU, BENCHMARKS.md). What it gives up is
+    fusion across block boundaries (a residual add with the next LayerNorm)."""
     options = {"mode": None if mode == "default" else mode}
     if scope == "model":
         return torch.compile(model, **options)
@@ -486,7 +486,7 @@ def compile_model(model: GPT, mode: str, scope: str = "model") -> torch.nn.Modul
 def uncompiled():
     """Runs compiled code eagerly inside it (torch >= 2.6): generation grows the sequence by one
     token per call, and would otherwise recompile the blocks that --compile-scope blocks compiled
-    in place. Older versions recompile once, with a dynamic length."""
+    in place. Older versions have no such switch and compile for generation's shapes too."""
     set_stance = getattr(torch.compiler, "set_stance", None)
     return set_stance("force_eager") if set_stance is not None else nullcontext()
 
