@@ -52,8 +52,8 @@ def test_compile_scope_without_compile_is_refused():
 
 def test_each_batch_size_is_compiled_with_static_shapes(monkeypatch, capsys):
     """Batch sizes timed one after the other in one process must each get the static graph a
-    training run would get: dynamo, seeing the batch dimension change twice, would otherwise
-    compile a graph with a symbolic batch size for the third."""
+    training run would get: dynamo, seeing the batch dimension change, would otherwise compile
+    a graph with a symbolic batch size for the second and reuse it for the third."""
     dynamic = []
 
     def recording_backend(gm, example_inputs):
