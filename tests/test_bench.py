@@ -1,6 +1,7 @@
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -9,6 +10,11 @@ import bench
 from conftest import ROOT
 
 SMALL = ["--model", "tiny", "--batch-size", "2", "--seq-len", "32", "--device", "cpu", "--steps", "2", "--warmup", "1"]
+
+
+def script_env(**settings: str) -> dict[str, str]:
+    """bench_gpu.sh's environment: these settings, and this interpreter, whatever python3 on PATH is."""
+    return {**os.environ, "PYTHON": sys.executable, **settings}
 
 
 def test_json_rows_carry_the_figures_and_the_variant(capsys, tmp_path):
@@ -74,8 +80,7 @@ def test_gpu_script_runs_its_overhead_item_on_a_cpu(tiny_data, tmp_path):
     the tiny preset so that it does not rot in between. The results folder holds only the few
     files a leased machine sends back."""
     logs, scratch = tmp_path / "logs", tmp_path / "scratch"
-    env = {**os.environ, "LOGS": str(logs), "SCRATCH": str(scratch), "MODEL": "tiny", "SEQ": "32", "BATCH": "2"}
-    env["DATA"] = str(tiny_data)
+    env = script_env(LOGS=str(logs), SCRATCH=str(scratch), MODEL="tiny", SEQ="32", BATCH="2", DATA=str(tiny_data))
     result = subprocess.run(
         ["bash", str(ROOT / "bench_gpu.sh"), "overhead"], env=env, capture_output=True, text=True, timeout=300
     )
@@ -90,7 +95,7 @@ def test_gpu_script_runs_its_overhead_item_on_a_cpu(tiny_data, tmp_path):
 
 
 def test_gpu_script_refuses_an_unknown_item_before_running_any(tmp_path):
-    env = {**os.environ, "LOGS": str(tmp_path)}
+    env = script_env(LOGS=str(tmp_path))
     result = subprocess.run(
         ["bash", str(ROOT / "bench_gpu.sh"), "gpt2", "nosuch"], env=env, capture_output=True, text=True
     )
@@ -101,7 +106,7 @@ def test_gpu_script_refuses_an_unknown_item_before_running_any(tmp_path):
 def test_gpu_script_starts_only_the_items_that_fit_its_budget(tmp_path):
     """With BUDGET_S an item starts only if its estimate fits in what is left: here env (10 s)
     runs and gpt2 (90 s) is skipped and said to be, not started and cut off by the lease."""
-    env = {**os.environ, "LOGS": str(tmp_path), "BUDGET_S": "30"}
+    env = script_env(LOGS=str(tmp_path), BUDGET_S="30")
     result = subprocess.run(
         ["bash", str(ROOT / "bench_gpu.sh"), "env", "gpt2"], env=env, capture_output=True, text=True, timeout=120
     )
