@@ -307,7 +307,11 @@ def _hf_pieces(name: str, config: str | None, split: str, text_field: str, stats
         except StopIteration:
             return
         except Exception as e:
-            raise DataPrepError(f"Hugging Face dataset {name!r}: reading example {index} failed: {e}") from e
+            raise DataPrepError(
+                f"Hugging Face dataset {name!r}: reading example {index} failed: {type(e).__name__}: {e}\n"
+                "HINT: if the network dropped, run the same command again (it starts over); nothing "
+                "incomplete is left that looks finished."
+            ) from e
         where = f"{name} example {index}"
         yield from _document_pieces(_field_text(example, text_field, where), where, stats)
         index += 1

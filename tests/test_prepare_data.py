@@ -222,6 +222,20 @@ def test_streams_a_hugging_face_dataset(gpt2):
     assert "no field 'text'" in run_error_hf()
 
 
+def test_a_dropped_connection_mid_stream_says_to_run_again_and_leaves_nothing_finished(monkeypatch):
+    import datasets
+
+    def one_example_then_a_dropped_connection(*args, **kwargs):
+        yield {"text": "the first document"}
+        raise ConnectionError("connection reset by peer")
+
+    monkeypatch.setattr(datasets, "load_dataset", one_example_then_a_dropped_connection)
+    with pytest.raises(DataPrepError) as e:
+        prepare_data.prepare(prepare_data.PrepareConfig(hf_dataset="some/corpus", out="streamed", val_tokens=0))
+    assert "reading example 1 failed: ConnectionError" in str(e.value) and "run the same command again" in str(e.value)
+    assert not Path("streamed/meta.json").exists()
+
+
 def run_error_hf() -> str:
     with pytest.raises(DataPrepError) as e:
         prepare_data.prepare(prepare_data.PrepareConfig(hf_dataset=str(Path("hub").resolve()), out="hf2"))
