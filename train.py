@@ -133,7 +133,7 @@ class TrainConfig:
     sample_every: int = _flag(0, "print samples every N steps (0: only at the end)")
     sample_prompt: str = _flag("\n", "prompt that samples start from")
     sample_tokens: int = _flag(64, "tokens per sample")
-    num_samples: int = _flag(2, "samples printed each time")
+    num_samples: int = _flag(2, "samples printed each time (0: none)")
     hellaswag_every: int = _flag(0, "HellaSwag accuracy every N steps and at the end (0: never)")
     hellaswag_limit: int = _flag(0, "evaluate only the first N HellaSwag examples (0: all)")
     hellaswag_file: str = _flag("", "local HellaSwag JSONL instead of the downloaded validation split")
@@ -174,6 +174,8 @@ class TrainConfig:
             "keep_last",
             "keep_every",
             "hellaswag_limit",
+            "num_samples",
+            "sample_tokens",
             "activation_checkpointing",
             "grad_clip",
             "weight_decay",
@@ -471,7 +473,7 @@ def compile_model(model: GPT, mode: str, scope: str = "model") -> torch.nn.Modul
     """The model to train with. Scope model: one graph for the whole forward pass, a wrapper
     around the module. Scope blocks: each transformer block and the output half
     (GPT.logits_and_loss) are compiled in place and the module itself is returned. The blocks are
-    alike, so (torch >= 2.5) after the first one they reuse its compiled code: compile time grows
+    alike, so after the first one they reuse its compiled code: compile time grows
     far less with depth (4.9x less for 48 layers on a CPU, BENCHMARKS.md). What it gives up is
     fusion across block boundaries (a residual add with the next LayerNorm)."""
     options = {"mode": None if mode == "default" else mode}
@@ -484,17 +486,17 @@ def compile_model(model: GPT, mode: str, scope: str = "model") -> torch.nn.Modul
 
 
 def uncompiled():
-    """Runs compiled code eagerly inside it (torch >= 2.6): generation grows the sequence by one
-    token per call, and would otherwise recompile the blocks that --compile-scope blocks compiled
-    in place. Older versions have no such switch and compile for generation's shapes too."""
-    set_stance = getattr(torch.compiler, "set_stance", None)
-    return set_stance("force_eager") if set_stance is not None else nullcontext()
+    """Runs compiled code eagerly inside it: generation grows the sequence by one token per call,
+    and would otherwise recompile the blocks that --compile-scope blocks compiled in place."""
+    return torch.compiler.set_stance("force_eager")
 
 
 @torch.no_grad()
 def sample_texts(
     model: GPT, tokenizer, cfg: TrainConfig, device: torch.device, seed: int, amp: torch.dtype | None
 ) -> list[str]:
+    if cfg.num_samples == 0:
+        return []
     model.eval()
     prompt = tokenizer.encode(cfg.sample_prompt) or [tokenizer.eot_id]
     idx = torch.tensor([prompt] * cfg.num_samples, dtype=torch.long, device=device)

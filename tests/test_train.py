@@ -24,6 +24,7 @@ from runs import TINY, read_metrics, run_train, train_losses
         (["--compile-mode", "max-autotune"], "needs torch.compile"),
         (["--compile-scope", "blocks"], "needs torch.compile"),
         (["--activation-checkpointing", "-1"], "--activation-checkpointing must be >= 0"),
+        (["--num-samples", "-1"], "--num-samples must be >= 0"),
         (["--attention", "cudnn"], "--attention cudnn: this kernel does not run on cpu"),
     ],
 )
@@ -32,6 +33,13 @@ def test_bad_configuration_gives_clear_error(tiny_data, tmp_path, capsys, flags,
     assert code == train.EXIT_CONFIG
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run" / "checkpoints").exists()  # failed before any work
+
+
+def test_zero_samples_trains_and_prints_none(tiny_data, tmp_path, capsys):
+    flags = ["--max-steps", "2", "--sample-every", "1", "--num-samples", "0", "--eval-every", "0"]
+    assert train.main([*TINY, "--data", str(tiny_data), "--out", str(tmp_path / "run"), *flags]) == 0
+    out = capsys.readouterr().out
+    assert "step      1 | loss" in out and "sample:" not in out
 
 
 def test_missing_data_directory_says_what_to_do(tmp_path, capsys):
