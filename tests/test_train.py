@@ -127,9 +127,8 @@ def test_two_processes_match_one_process_with_double_accumulation(tiny_data, tmp
 
 def test_compile_scope_blocks_shares_one_block_graph_and_matches_eager(monkeypatch):
     """Each block and the output half are compiled apart; the blocks are alike, so dynamo traces
-    one graph for all of them (where it inlines nn.Module calls, torch >= 2.5) and the
-    output half another. Traced through AOTAutograd without code generation, which keeps it fast;
-    the slow test below trains with the real compiler."""
+    one graph for all of them and the output half another. Traced through AOTAutograd without
+    code generation, which keeps it fast; the slow test below trains with the real compiler."""
     from torch._dynamo.backends.debugging import aot_eager
 
     graphs = []
@@ -155,8 +154,7 @@ def test_compile_scope_blocks_shares_one_block_graph_and_matches_eager(monkeypat
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
     for (name, p_eager), (_, p_compiled) in zip(eager.named_parameters(), compiled.named_parameters()):
         torch.testing.assert_close(p_compiled.grad, p_eager.grad, rtol=1e-4, atol=1e-6, msg=name)
-    shares = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
-    assert len(graphs) == (2 if shares else 4)  # one per block without inlining
+    assert len(graphs) == 2
     # the weights are the module's own: checkpoints made from it load into a plain GPT
     assert set(compiled.state_dict()) == set(eager.state_dict())
 
