@@ -12,6 +12,7 @@ It times the same step train.py runs (forward and backward under autocast, gradi
 clipping, fused AdamW) on random tokens, so the figures isolate the model and optimizer from
 data loading. Warm-up steps, which include compilation, are timed apart; the reported
 figures are the median over the timed steps, with the device synchronised around each.
+MFU is the model's FLOPs per second over the GPU's dense bf16 peak, whatever --dtype is.
 Each configuration is compiled afresh, as a training run would compile it: sharing torch.compile's
 cache between batch sizes made the batch dimension dynamic from the second one on.
 """
@@ -46,6 +47,8 @@ from train import (
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 def build_model(

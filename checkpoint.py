@@ -23,7 +23,7 @@ import os
 import random
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -151,6 +151,10 @@ def checkpoint_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def checkpoint_step(path: Path) -> int:
+    return int(CKPT_DIR_RE.match(path.name).group(1))
+
+
 def save_checkpoint(
     run_dir: Path,
     step: int,
@@ -180,7 +184,7 @@ def save_checkpoint(
     try:
         torch.save(capture_rng_state(), tmp / f"rng_rank{rank:05d}.pt")
         _fsync_file(tmp / f"rng_rank{rank:05d}.pt")
-    except OSError as e:
+    except Exception as e:  # a full disk is a RuntimeError from torch.save, not an OSError
         failed = failed or e
     barrier()
     if rank == 0 and not failed:
@@ -205,10 +209,11 @@ def save_checkpoint(
             os.replace(tmp, final)
             _fsync_dir(ckpt_root)
             write_text_atomic(ckpt_root / "latest", final.name + "\n")
-        except OSError as e:
+        except Exception as e:  # safetensors reports a full disk as a SafetensorError
             failed = e
-            shutil.rmtree(tmp, ignore_errors=True)
     barrier()
+    if failed and rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
     if failed:
         raise CheckpointError(
             f"could not write checkpoint {final} ({failed}). The training state in memory is intact and "
@@ -218,14 +223,15 @@ def save_checkpoint(
     return final
 
 
-def prune_checkpoints(run_dir: Path, keep_last: int, keep_every: int) -> list[Path]:
-    """Delete complete checkpoints other than the newest `keep_last` and every `keep_every`-th step."""
-    ckpts = list_checkpoint_dirs(run_dir)
+def prune_checkpoints(run_dir: Path, keep_last: int, keep_every: int, newest_step: int) -> list[Path]:
+    """Delete complete checkpoints up to newest_step other than the newest `keep_last` and every
+    `keep_every`-th step. Later ones (a broken checkpoint that resuming skipped) are left alone:
+    they are not newer than what was just saved, and the run replaces them when it gets there."""
+    ckpts = [p for p in list_checkpoint_dirs(run_dir) if checkpoint_step(p) <= newest_step]
     keep = set(ckpts[:keep_last]) if keep_last > 0 else set(ckpts)
     removed = []
     for path in ckpts:
-        step = int(CKPT_DIR_RE.match(path.name).group(1))
-        if path in keep or (keep_every > 0 and step % keep_every == 0):
+        if path in keep or (keep_every > 0 and checkpoint_step(path) % keep_every == 0):
             continue
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
@@ -322,9 +328,13 @@ def load_rng_state(ckpt: Checkpoint, rank: int) -> dict | None:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> GPT:
-    """Our GPT from a checkpoint directory or a run directory (newest usable checkpoint)."""
+def load_model(path: str | Path, device: str | torch.device = "cpu", dropout: float | None = None) -> GPT:
+    """Our GPT from a checkpoint directory or a run directory (newest usable checkpoint);
+    dropout, if given, replaces the saved model's."""
     ckpt = resolve_checkpoint(path)
-    model = GPT(GPTConfig.from_dict(ckpt.meta["model_config"]))
+    config = GPTConfig.from_dict(ckpt.meta["model_config"])
+    if dropout is not None:
+        config = replace(config, dropout=dropout)
+    model = GPT(config)
     load_model_weights(ckpt, model)
     return model.to(device)

@@ -176,11 +176,14 @@ def fit_to_window(ctx: list[int], ending: list[int], max_len: int) -> tuple[list
 
 
 def render_rows(example: dict, tokenizer: Tokenizer, block_size: int) -> tuple[list[list[int]], list[int]]:
-    """The four rows of an item (context + ending tokens) and where each ending starts."""
+    """The four rows of an item (context + ending tokens) and where each ending starts.
+
+    A row of n tokens is n - 1 inputs (its last token is only a target), so rows of up to
+    block_size + 1 tokens fit the model's window."""
     ctx = tokenizer.encode(example["ctx"])
     rows, starts = [], []
     for ending in example["endings"]:
-        row, start = fit_to_window(ctx, tokenizer.encode(" " + ending), block_size)
+        row, start = fit_to_window(ctx, tokenizer.encode(" " + ending), block_size + 1)
         if start < 1:
             raise ValueError(f"context {example['ctx']!r} has no tokens: the first ending token would go unscored")
         if start == len(row):

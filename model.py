@@ -293,7 +293,7 @@ class GPT(nn.Module):
                 next_id = logits.argmax(dim=-1, keepdim=True)
             else:
                 logits = logits / temperature
-                if top_k is not None:
+                if top_k:  # None or 0: no limit
                     kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
                     logits = logits.masked_fill(logits < kth, float("-inf"))
                 probs = F.softmax(logits, dim=-1)
@@ -310,10 +310,11 @@ class GPT(nn.Module):
     def from_pretrained(cls, name_or_path: str, pad_vocab_to: int = 1, dropout: float = 0.0) -> GPT:
         """OpenAI GPT-2 weights ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl") from the
         Hugging Face hub, or a local directory saved with `save_pretrained` / `export_hf`."""
-        from transformers import GPT2LMHeadModel
+        from transformers import GPT2Config, GPT2LMHeadModel
 
-        hf = GPT2LMHeadModel.from_pretrained(name_or_path)
-        hc = hf.config
+        hc = GPT2Config.from_pretrained(name_or_path)
+        _check_hf_config(hc, name_or_path)  # before loading weights that may be gigabytes
+        hf = GPT2LMHeadModel.from_pretrained(name_or_path, config=hc)
         config = GPTConfig(
             block_size=hc.n_positions,
             vocab_size=hc.vocab_size,
@@ -324,8 +325,6 @@ class GPT(nn.Module):
             bias=True,
             pad_vocab_to=pad_vocab_to,
         )
-        if getattr(hc, "activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise ValueError(f"{name_or_path}: activation {hc.activation_function!r} is not GPT-2's tanh GELU")
         model = cls(config)
         model.load_hf_state_dict(hf.state_dict())
         return model
@@ -335,6 +334,9 @@ class GPT(nn.Module):
         V = self.config.vocab_size
         hf_sd = {k: v for k, v in hf_sd.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
         ours = [k for k in sd if k != "lm_head.weight"]  # tied to wte
+        head = hf_sd.get("lm_head.weight")
+        if head is not None and not torch.equal(head, hf_sd.get("transformer.wte.weight", head)):
+            raise ValueError("lm_head.weight differs from transformer.wte.weight: this model ties them")
         missing = [k for k in ours if k not in hf_sd]
         if missing:
             raise ValueError(f"Hugging Face state dict lacks {missing[:5]}{'...' if len(missing) > 5 else ''}")
@@ -393,3 +395,24 @@ class GPT(nn.Module):
         hf.save_pretrained(out, safe_serialization=True)
         (out / "gpt2_trainer_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         return out
+
+
+def _check_hf_config(hc, name: str) -> None:
+    """Refuse Hugging Face GPT-2 variants this model does not implement, which would otherwise
+    load without error and compute something else."""
+    expected = {
+        "activation_function": ("gelu_new", "gelu_pytorch_tanh"),
+        "layer_norm_epsilon": (1e-5,),
+        "tie_word_embeddings": (True,),
+        "scale_attn_weights": (True,),
+        "scale_attn_by_inverse_layer_idx": (False,),
+        "add_cross_attention": (False,),
+        "n_inner": (None, 4 * hc.n_embd),
+    }
+    wrong = [
+        f"{key}={getattr(hc, key)!r} (GPT-2: {' or '.join(repr(v) for v in allowed)})"
+        for key, allowed in expected.items()
+        if hasattr(hc, key) and getattr(hc, key) not in allowed
+    ]
+    if wrong:
+        raise ValueError(f"{name} is not a GPT-2 this model can load: {'; '.join(wrong)}")

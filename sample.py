@@ -46,6 +46,13 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(best_device() if args.device == "auto" else args.device)
     model = load_for_sampling(args.init_from, device).eval()
     tok = get_tokenizer(args.tokenizer)
+    if tok.vocab_size > model.config.vocab_size:
+        print(
+            f"error: the tokenizer {args.tokenizer!r} has {tok.vocab_size:,} ids, the model only "
+            f"{model.config.vocab_size:,}. HINT: pass the --tokenizer the model was trained with",
+            file=sys.stderr,
+        )
+        return 2
     prompt = tok.encode(args.prompt) or [tok.eot_id]
     idx = torch.tensor([prompt] * args.num_samples, dtype=torch.long, device=device)
     gen = torch.Generator(device=device).manual_seed(args.seed)

@@ -142,7 +142,7 @@ class TrainConfig:
     wandb: str = _flag("", "also log to this Weights & Biases project (needs the wandb package)")
     # checkpoints and fault tolerance
     checkpoint_every: int = _flag(250, "save a checkpoint every N steps (0: only at the end and on signals)")
-    keep_last: int = _flag(2, "keep the newest N checkpoints")
+    keep_last: int = _flag(2, "keep the newest N checkpoints (0: keep all)")
     keep_every: int = _flag(0, "also keep every checkpoint whose step is a multiple of N (0: none)")
     resume: str = _flag(
         "auto", "auto: continue from the newest usable checkpoint in --out; never; or a checkpoint path"
@@ -185,8 +185,11 @@ class TrainConfig:
         for name in ("seq_len", "total_batch_size", "n_layer", "n_head", "n_embd"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 errors.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            errors.append(f"--lr must be > 0, got {self.lr}")
+        if not 0 < self.lr < math.inf:
+            errors.append(f"--lr must be > 0 and finite, got {self.lr}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                errors.append(f"--{name} must be in [0, 1), got {getattr(self, name)}")
         if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
             errors.append(f"--min-lr must be between 0 and --lr ({self.lr}), got {self.min_lr}")
         if self.device not in ("auto", "cpu", "mps") and not self.device.startswith("cuda"):
@@ -309,7 +312,8 @@ def peak_flops(device: torch.device) -> float | None:
 def autocast_dtype(cfg_dtype: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype, or None for plain fp32."""
     if cfg_dtype == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        # (without emulation: pre-Ampere GPUs would run bf16 emulated, slower than fp32)
+        if device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False):
             return torch.bfloat16
         return None  # CPU and MPS: fp32 is the safe and usually the faster default
     if cfg_dtype == "fp16" and device.type != "cuda":
@@ -420,13 +424,14 @@ def evaluate_val_loss(
     """Mean loss over the same n_chunks validation chunks whatever the world size: rank r
     takes chunks r, r+W, ...; loss sums and token counts are added across ranks."""
     model.eval()
-    total = torch.zeros(2, device=device, dtype=torch.float64)
+    # fp64 so that the sum does not depend on how chunks are split over ranks; MPS has no fp64
+    total = torch.zeros(2, device=device, dtype=torch.float32 if device.type == "mps" else torch.float64)
     for c in range(d.rank, n_chunks, d.world_size):
         x, y = val_loader.batch_at(c)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast_context(device, amp):
             loss = model(x, y)[1]
-        total[0] += loss.double() * y.numel()
+        total[0] += loss.to(total.dtype) * y.numel()
         total[1] += y.numel()
     if d.enabled:
         dist.all_reduce(total, op=dist.ReduceOp.SUM)
@@ -532,7 +537,7 @@ def build_model(cfg: TrainConfig, vocab_size: int, print0) -> GPT:
             print0(f"note: {', '.join(overridden)} ignored: with --init-from the model's shape comes from its weights")
         if ckpt_lib.is_checkpoint_path(cfg.init_from):
             print0(f"initialising weights from our checkpoint {cfg.init_from}")
-            model = ckpt_lib.load_model(cfg.init_from)
+            model = ckpt_lib.load_model(cfg.init_from, dropout=cfg.dropout)
         else:
             print0(f"initialising weights from Hugging Face {cfg.init_from}")
             model = GPT.from_pretrained(cfg.init_from, pad_vocab_to=cfg.pad_vocab, dropout=cfg.dropout)
@@ -580,6 +585,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return plot.main(args.plot)
     d = Dist()
+    stop_handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
     try:
         d, device = setup_distributed(cfg.device, cfg.dist_timeout_min)
         with attention_context(cfg.attention):
@@ -591,6 +597,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[rank {d.rank}] error: {e}", file=sys.stderr)
         return EXIT_ERROR
     finally:
+        for sig, handler in stop_handlers.items():  # StopSignal's, put back for whoever called main
+            signal.signal(sig, handler)
         teardown_distributed()
 
 
@@ -687,6 +695,17 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> int:
         resume_from = ckpt_lib.find_checkpoint(out_dir, warn=print0)
     elif cfg.resume != "never":
         resume_from = ckpt_lib.resolve_checkpoint(cfg.resume, warn=print0)
+    if cfg.resume != "auto":
+        # resuming and pruning go by step number, so another run's later checkpoints in --out
+        # would be taken for this run's newest
+        first_step = resume_from.step if resume_from else 0
+        later = [p for p in ckpt_lib.list_checkpoint_dirs(out_dir) if ckpt_lib.checkpoint_step(p) > first_step]
+        if later:
+            raise ConfigError(
+                f"{out_dir / 'checkpoints'} holds checkpoints of steps after {first_step} "
+                f"({', '.join(p.name for p in reversed(later))}), left by another run; this run would mix "
+                f"with them. HINT: pass another --out, or move those checkpoints out of the way."
+            )
     if resume_from is not None:
         ckpt_lib.load_model_weights(resume_from, model)
         state = ckpt_lib.load_train_state(resume_from)
@@ -724,11 +743,16 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> int:
         ckpt_lib.write_text_atomic(out_dir / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
     wandb_run = None
     if wandb is not None:
+        # an id of the run directory's own, kept there: a resumed run logs on to the same W&B run
+        id_file = out_dir / "wandb_run_id"
+        if not id_file.is_file():
+            ckpt_lib.write_text_atomic(id_file, f"{out_dir.resolve().name}-{os.urandom(4).hex()}\n")
         wandb_run = wandb.init(
-            project=cfg.wandb, config=dataclasses.asdict(cfg), resume="allow", id=out_dir.resolve().name
+            project=cfg.wandb, config=dataclasses.asdict(cfg), resume="allow", id=id_file.read_text().strip()
         )
     metrics = MetricsLog(out_dir / "metrics.jsonl", d.master, wandb_run)
-    metrics.truncate_from(start_step)
+    if start_step < cfg.max_steps:  # (a finished run keeps its record, final evaluation included)
+        metrics.truncate_from(start_step)
     metrics.log({**run_metadata(cfg, d, device), "resumed_from_step": start_step if resume_from else None})
 
     tokenizer = get_tokenizer(data_meta["tokenizer"] if data_meta else "gpt2")  # for samples and HellaSwag
@@ -763,7 +787,7 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> int:
             d.barrier,
         )
         if d.master:
-            ckpt_lib.prune_checkpoints(out_dir, cfg.keep_last, cfg.keep_every)
+            ckpt_lib.prune_checkpoints(out_dir, cfg.keep_last, cfg.keep_every, step)
         print0(f"saved checkpoint {path}")
         return path
 
@@ -776,13 +800,9 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> int:
     # between steps (logging, loading the batch); evaluations and checkpoints restart the clock.
     step_clock = None
 
-    # ---- the loop ----
-    for step in range(start_step, cfg.max_steps):
-        last_step = step == cfg.max_steps - 1
-        eval_due = cfg.eval_every and (step % cfg.eval_every == 0 or last_step)
-        hellaswag_due = cfg.hellaswag_every and (step % cfg.hellaswag_every == 0 or last_step)
-        sample_due = cfg.sample_every and step > start_step and step % cfg.sample_every == 0
-        if eval_due:
+    def evaluate(step: int, val_due: bool, hellaswag_due: bool) -> None:
+        """Validation loss and HellaSwag of the weights after `step` updates."""
+        if val_due:
             t0 = time.perf_counter()
             val_loss = evaluate_val_loss(model, val_loader, val_chunks, d, device, amp)
             print0(
@@ -811,6 +831,14 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> int:
                     "hellaswag_examples": result["num_examples"],
                 }
             )
+
+    # ---- the loop ----
+    for step in range(start_step, cfg.max_steps):
+        last_step = step == cfg.max_steps - 1
+        eval_due = bool(cfg.eval_every) and step % cfg.eval_every == 0
+        hellaswag_due = bool(cfg.hellaswag_every) and step % cfg.hellaswag_every == 0
+        sample_due = cfg.sample_every and step > start_step and step % cfg.sample_every == 0
+        evaluate(step, eval_due, hellaswag_due)
         if sample_due and d.master:
             # without the compile and DDP wrappers, and run eagerly (uncompiled()): generation grows
             # the sequence every token, which would recompile
@@ -854,10 +882,13 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> int:
         loss_sum, stop_requested, grad_norm_value = torch.cat([status, grad_norm.float().view(1)]).tolist()
         loss_value = loss_sum / d.world_size
         finite = math.isfinite(loss_value) and math.isfinite(grad_norm_value)
+        # fp16: gradients that overflow under a finite loss are the loss scale's to fix
+        # (update() lowers it), not a sign that training diverged
+        overflow = scaler.is_enabled() and math.isfinite(loss_value) and not finite
         if finite:
             scaler.step(optimizer)
             bad_steps = 0
-        else:
+        elif not overflow:
             bad_steps += 1
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -887,7 +918,10 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> int:
             "data_ms": data_s * 1000,
             "tokens_seen": tokens_seen,
         }
-        if not finite:
+        if overflow:
+            record["skipped"] = True
+            print0(f"step {step:6d} | fp16 gradients overflowed: update skipped, loss scale lowered")
+        elif not finite:
             record["skipped"] = True
             print0(
                 f"step {step:6d} | non-finite loss {loss_value} or grad norm {grad_norm_value}: update skipped "
@@ -910,7 +944,7 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> int:
             return EXIT_NONFINITE
 
         done = step + 1
-        if stop_requested:
+        if stop_requested and done < cfg.max_steps:  # on the last step: finish as usual
             save(done)
             print0(f"stopped by a signal at step {done}; run the same command again to resume")
             metrics.close()
@@ -927,6 +961,7 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> int:
 
     if start_step < cfg.max_steps:
         save(cfg.max_steps)
+        evaluate(cfg.max_steps, bool(cfg.eval_every), bool(cfg.hellaswag_every))
     if d.master:
         for text in sample_texts(raw_model, tokenizer, cfg, device, cfg.seed, amp):
             print0(f"sample: {text!r}")

@@ -131,14 +131,15 @@ def test_render_example_appends_each_ending_after_a_space():
     assert tok.decode(tokens[0, : len(ctx)].tolist()) == example["ctx"]
 
 
-def test_rows_longer_than_block_size_lose_context_from_the_left():
+def test_rows_longer_than_the_window_lose_just_enough_context_from_the_left():
     tok = get_tokenizer("gpt2")
     example = {"ctx": " ".join(["word"] * 50) + " and then", "endings": ["it ends here."] * 4, "label": 2}
     ctx, ending = tok.encode(example["ctx"]), tok.encode(" it ends here.")
     tokens, mask, _ = render_example(example, tok, block_size=20)
-    assert tokens.shape == (4, 20)
-    assert tokens[0].tolist() == ctx[-(20 - len(ending)) :] + ending
-    assert mask[0].tolist() == [0] * (20 - len(ending)) + [1] * len(ending)
+    # 21 tokens are 20 inputs (the last token is only a target): the window is full, not cut short
+    assert tokens.shape == (4, 21)
+    assert tokens[0].tolist() == ctx[-(21 - len(ending)) :] + ending
+    assert mask[0].tolist() == [0] * (21 - len(ending)) + [1] * len(ending)
 
 
 # ---- scoring ----

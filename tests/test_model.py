@@ -102,6 +102,14 @@ def test_top_k_one_is_greedy():
     assert torch.equal(sampled, greedy)
 
 
+def test_top_k_zero_means_no_limit():
+    model = tiny().eval()
+    idx = torch.zeros((2, 1), dtype=torch.long)
+    unlimited = model.generate(idx, 5, top_k=None, generator=torch.Generator().manual_seed(3))
+    zero = model.generate(idx, 5, top_k=0, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(unlimited, zero)
+
+
 def test_configure_optimizers_decays_only_matrices():
     model = tiny()
     opt = model.configure_optimizers(weight_decay=0.1, learning_rate=1e-3)
@@ -136,6 +144,35 @@ def test_from_pretrained_matches_transformers_logits(hf_gpt2_dir):
         ref = hf(idx).logits
         assert (ours(idx, idx)[0] - ref).abs().max().item() < 1e-5
         assert (padded(idx, idx)[0] - ref).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {"tie_word_embeddings": False},
+        {"layer_norm_epsilon": 1e-3},
+        {"scale_attn_weights": False},
+        {"scale_attn_by_inverse_layer_idx": True},
+        {"n_inner": 64},
+        {"activation_function": "relu"},
+    ],
+)
+def test_from_pretrained_refuses_variants_it_would_compute_differently(tmp_path, variant):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=1, n_head=2, **variant)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path)
+    key = next(iter(variant))
+    with pytest.raises(ValueError, match=f"not a GPT-2 this model can load: {key}="):
+        GPT.from_pretrained(str(tmp_path))
+
+
+def test_loading_an_untied_output_layer_is_an_error():
+    model = tiny()
+    hf_sd = {k: v.clone() for k, v in model.state_dict().items()}
+    hf_sd["lm_head.weight"] = torch.randn_like(hf_sd["lm_head.weight"])
+    with pytest.raises(ValueError, match="ties them"):
+        tiny().load_hf_state_dict(hf_sd)
 
 
 def test_export_round_trip_through_transformers(tmp_path):

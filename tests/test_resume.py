@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import checkpoint
 import train
@@ -52,7 +53,7 @@ def reference_2proc(tiny_data, tmp_path_factory):
 def assert_metrics_continue(run, steps):
     records = read_metrics(run)
     assert [r["step"] for r in records if r["type"] == "train"] == list(range(steps))
-    assert [r["step"] for r in records if r["type"] == "eval"] == sorted({*range(0, steps, 5), steps - 1})
+    assert [r["step"] for r in records if r["type"] == "eval"] == sorted({*range(0, steps, 5), steps})
 
 
 def test_checkpoint_holds_everything_and_no_wrapper_prefixes(reference_1proc):
@@ -225,7 +226,23 @@ def test_consecutive_nonfinite_steps_stop_the_run_with_checkpoint_intact(tiny_da
     checkpoint.load_model(ckpt.path)
 
 
-def test_full_disk_while_saving_keeps_training_and_previous_checkpoint(tiny_data, tmp_path, monkeypatch, capsys):
+def _safetensors_disk_full(filename):
+    from safetensors import SafetensorError
+
+    return SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+@pytest.mark.parametrize(
+    "disk_full",
+    [
+        lambda filename: OSError(errno.ENOSPC, "No space left on device", filename),
+        _safetensors_disk_full,  # what safetensors really raises: not an OSError
+    ],
+    ids=["OSError", "SafetensorError"],
+)
+def test_full_disk_while_saving_keeps_training_and_previous_checkpoint(
+    tiny_data, tmp_path, monkeypatch, capsys, disk_full
+):
     run = tmp_path / "run"
     real_save = checkpoint.save_file
     calls = {"n": 0}
@@ -233,7 +250,7 @@ def test_full_disk_while_saving_keeps_training_and_previous_checkpoint(tiny_data
     def save_file_then_disk_full(tensors, filename, *a, **kw):
         calls["n"] += 1
         if calls["n"] == 2:  # the second checkpoint hits a full disk
-            raise OSError(errno.ENOSPC, "No space left on device", filename)
+            raise disk_full(filename)
         return real_save(tensors, filename, *a, **kw)
 
     monkeypatch.setattr(checkpoint, "save_file", save_file_then_disk_full)
@@ -244,6 +261,26 @@ def test_full_disk_while_saving_keeps_training_and_previous_checkpoint(tiny_data
     assert 10 not in steps and 20 in steps
     assert not list((run / "checkpoints").glob("*.tmp"))
     assert sorted(train_losses(run)) == list(range(20))
+
+
+def test_full_disk_in_torch_save_keeps_training(tiny_data, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def torch_save_then_disk_full(obj, f, *a, **kw):
+        if str(f).endswith("train_state.pt"):
+            calls["n"] += 1
+            if calls["n"] == 2:  # how torch.save reports a full disk
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+        return real_save(obj, f, *a, **kw)
+
+    monkeypatch.setattr(torch, "save", torch_save_then_disk_full)
+    assert train.main(flags(tiny_data, run, steps=20, every=5)) == 0
+    assert "unexpected pos" in capsys.readouterr().out
+    steps = sorted(int(p.name[5:]) for p in (run / "checkpoints").glob("step_*"))
+    assert 10 not in steps and 20 in steps
+    assert not list((run / "checkpoints").glob("*.tmp"))
 
 
 def test_truncated_newest_checkpoint_is_skipped_with_warning(tiny_data, tmp_path, capsys):
@@ -277,6 +314,15 @@ def test_checkpoint_with_other_format_version_is_refused(tiny_data, tmp_path):
         checkpoint.resolve_checkpoint(path)
 
 
+def test_pruning_keeps_what_was_just_saved_when_a_later_broken_checkpoint_exists(tmp_path):
+    for step in (2, 4, 6):  # step 6: broken, skipped by the resume that went on from step 4
+        (tmp_path / "checkpoints" / checkpoint.checkpoint_name(step)).mkdir(parents=True)
+    (tmp_path / "checkpoints" / checkpoint.checkpoint_name(5)).mkdir()  # just saved
+    removed = checkpoint.prune_checkpoints(tmp_path, keep_last=1, keep_every=0, newest_step=5)
+    assert sorted(p.name for p in removed) == ["step_00000002", "step_00000004"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000005", "step_00000006"]
+
+
 def test_keep_last_and_keep_every(tiny_data, tmp_path):
     run = tmp_path / "run"
     assert train.main(flags(tiny_data, run, steps=12, every=2, extra=["--keep-last", "2", "--keep-every", "4"])) == 0
@@ -294,6 +340,76 @@ def test_init_from_checkpoint_starts_a_new_run_from_its_weights(tiny_data, tmp_p
     losses = train_losses(dst)
     assert sorted(losses) == [0, 1, 2]
     assert losses[0] < train_losses(src)[0] - 1.0  # starts from trained weights, not from scratch
+
+
+@pytest.mark.parametrize("resume", ["never", "step_00000005"])
+def test_a_fresh_or_earlier_start_refuses_a_directory_holding_later_checkpoints(tiny_data, tmp_path, capsys, resume):
+    run = tmp_path / "run"
+    assert train.main(flags(tiny_data, run, steps=10, every=5, extra=["--keep-last", "5"])) == 0
+    if resume != "never":
+        resume = str(run / "checkpoints" / resume)
+    before = {p.name: p.stat().st_mtime_ns for p in (run / "checkpoints").iterdir()}
+    metrics_before = (run / "metrics.jsonl").read_bytes()
+    assert train.main(flags(tiny_data, run, steps=10, every=5, extra=["--resume", resume])) == train.EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert "step_00000010" in err and "left by another run" in err and "another --out" in err
+    assert {p.name: p.stat().st_mtime_ns for p in (run / "checkpoints").iterdir()} == before
+    assert (run / "metrics.jsonl").read_bytes() == metrics_before
+
+
+def test_stop_signal_on_the_last_step_finishes_the_run(tiny_data, tmp_path, monkeypatch):
+    class SignalledAtOnce(train.StopSignal):
+        def __init__(self):
+            super().__init__()
+            self.received = signal.SIGTERM
+
+    monkeypatch.setattr(train, "StopSignal", SignalledAtOnce)
+    run = tmp_path / "run"
+    assert train.main(flags(tiny_data, run, steps=3, every=0)) == train.EXIT_PREEMPTED  # stops after step 0
+    assert checkpoint.find_checkpoint(run).step == 1
+    assert train.main(flags(tiny_data, run, steps=2, every=0)) == train.EXIT_OK  # step 1 is the last
+    assert checkpoint.find_checkpoint(run).step == 2
+    assert [r["step"] for r in read_metrics(run) if r["type"] == "eval"][-1] == 2
+
+
+def test_signal_handlers_are_put_back_when_training_returns(tiny_data, tmp_path):
+    def handler(signum, frame):
+        pass
+
+    previous = signal.signal(signal.SIGUSR1, handler)
+    try:
+        assert train.main(flags(tiny_data, tmp_path / "run", steps=1, every=0)) == 0
+        assert signal.getsignal(signal.SIGUSR1) is handler
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+
+def test_final_evaluation_is_of_the_final_weights(tiny_data, tmp_path):
+    from dataloader import ShardedDataLoader
+
+    run = tmp_path / "run"
+    assert train.main(flags(tiny_data, run, steps=4, every=0, extra=["--eval-every", "3"])) == 0
+    evals = {r["step"]: r["val_loss"] for r in read_metrics(run) if r["type"] == "eval"}
+    assert sorted(evals) == [0, 3, 4]
+    model = checkpoint.load_model(run).eval()
+    val = ShardedDataLoader(tiny_data, "val", batch_size=4, seq_len=32)
+    n_chunks = 512 // (4 * 32)
+    recomputed = train.evaluate_val_loss(model, val, n_chunks, train.Dist(), torch.device("cpu"), None)
+    assert recomputed == pytest.approx(evals[4], rel=1e-6)
+    # running the finished run again keeps its record, final evaluation included
+    assert train.main(flags(tiny_data, run, steps=4, every=0, extra=["--eval-every", "3"])) == 0
+    assert sorted(r["step"] for r in read_metrics(run) if r["type"] == "eval") == [0, 3, 4]
+
+
+def test_init_from_checkpoint_takes_this_runs_dropout(tiny_data, tmp_path):
+    src = tmp_path / "src"
+    assert train.main(flags(tiny_data, src, steps=2, every=0)) == 0
+    dst = tmp_path / "dst"
+    assert train.main(flags(tiny_data, dst, steps=1, every=0, extra=["--init-from", str(src), "--dropout", "0.2"])) == 0
+    assert checkpoint.find_checkpoint(dst).meta["model_config"]["dropout"] == 0.2
+    model = checkpoint.load_model(src, dropout=0.2)
+    assert model.config.dropout == 0.2
+    assert {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)} == {0.2}
 
 
 def test_resume_never_and_explicit_path(tiny_data, tmp_path):

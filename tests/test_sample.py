@@ -38,3 +38,12 @@ def test_bad_flags_are_rejected(capsys):
     with pytest.raises(SystemExit):
         sample.main(["--num-samples", "0"])
     assert "--num-samples must be >= 1" in capsys.readouterr().err
+
+
+def test_a_tokenizer_larger_than_the_model_vocabulary_is_refused(tmp_path, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    small = tmp_path / "small_vocab"
+    GPT2LMHeadModel(GPT2Config(vocab_size=1000, n_positions=32, n_embd=32, n_layer=1, n_head=2)).save_pretrained(small)
+    assert sample.main(["--device", "cpu", "--init-from", str(small), "--max-new-tokens", "2"]) == 2
+    assert "has 50,257 ids, the model only 1,000" in capsys.readouterr().err

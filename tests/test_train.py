@@ -17,6 +17,8 @@ from runs import TINY, read_metrics, run_train, train_losses
         (["--total-batch-size", "1000"], "not divisible"),
         (["--seq-len", "4096"], "longer than the model's block size"),
         (["--lr", "0"], "--lr must be > 0"),
+        (["--lr", "nan"], "--lr must be > 0 and finite"),
+        (["--beta2", "1.5"], "--beta2 must be in [0, 1)"),
         (["--batch-size", "0"], "--batch-size must be >= 1"),
         (["--dtype", "fp16"], "fp16 needs CUDA"),
         (["--n-head", "3"], "divisible by n_head"),
@@ -83,7 +85,7 @@ def test_loss_falls_from_log_vocab_and_metrics_parse(tiny_data, tmp_path):
     assert abs(losses[0] - math.log(50257)) < 0.5
     assert min(losses[s] for s in range(50, 60)) < losses[0] - 3.0
     evals = [r for r in records if r["type"] == "eval"]
-    assert [r["step"] for r in evals] == [0, 30, 59] and evals[-1]["val_loss"] < evals[0]["val_loss"] - 2.0
+    assert [r["step"] for r in evals] == [0, 30, 60] and evals[-1]["val_loss"] < evals[0]["val_loss"] - 2.0
     train_record = next(r for r in records if r["type"] == "train")
     assert {"step", "loss", "lr", "grad_norm", "tokens_per_sec", "mfu", "ms", "data_ms"} <= set(train_record)
     for r in records:
@@ -311,7 +313,7 @@ def test_hellaswag_in_the_loop_logs_accuracy(tiny_data, tmp_path):
     )
     assert code == 0
     records = [r for r in read_metrics(run) if r["type"] == "hellaswag"]
-    assert [r["step"] for r in records] == [0, 2, 3]
+    assert [r["step"] for r in records] == [0, 2, 4]
     assert all(r["hellaswag_examples"] == 5 and 0.0 <= r["hellaswag_acc_norm"] <= 1.0 for r in records)
 
 
