@@ -151,7 +151,7 @@ def open_split(data_dir: str | Path, split: str) -> tuple[list[tuple[str, np.nda
     meta = read_meta(data_dir)
     if meta is not None:
         return _open_own_split(data_dir, split, meta), meta
-    if (data_dir / MARKER_NAME).exists() or any(data_dir.glob("*.tmp")) or any(data_dir.glob(f"{split}_*.npy")):
+    if (data_dir / MARKER_NAME).exists() or any(data_dir.glob(f"{split}_*.npy*")):  # (.npy or .npy.tmp)
         raise DataError(
             f"{data_dir}: the preparation of this directory did not finish (no {META_NAME}).\n"
             "HINT: run the same prepare_data.py command again; it starts over and finishes the job."
@@ -245,7 +245,7 @@ class ShardedDataLoader:
     # ---- addressing ----
 
     def num_chunks(self) -> int:
-        return (self.num_tokens - 1) // self.chunk_tokens
+        return max(0, (self.num_tokens - 1) // self.chunk_tokens)  # (an empty split has no "+1" token either)
 
     def _epoch_positions(self) -> int:
         n = self.num_chunks()
@@ -288,7 +288,10 @@ class ShardedDataLoader:
                 f"B*T = {self.chunk_tokens:,} (+1) tokens, fewer than the {self.chunks_per_step} that one step of all ranks needs.\n"
                 "HINT: lower the batch size or sequence length, or prepare more data."
             )
-        if self.cursor >= self._epoch_positions():  # a multiple of chunks_per_step, so of world_size
+        # The cursor is a multiple of world_size, and this is `cursor >= epoch positions`, unless
+        # the position was saved by a run of another world size: then the epoch ends as soon as
+        # the ranks' next chunks no longer all fit in it.
+        if self.cursor + self.world_size > self._epoch_positions():
             self.epoch, self.cursor = self.epoch + 1, 0
         chunk = self._chunk_at_position(self.cursor + self.rank)
         self.cursor += self.world_size

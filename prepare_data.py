@@ -39,12 +39,16 @@ Choices worth knowing:
   and collected in order, so the shards are byte-identical for any `--workers`.
 - Bytes that are not UTF-8 are replaced by U+FFFD and counted (a warning names the file
   and the first byte offset; the count is in meta.json). `--strict-utf8` stops instead.
-  A UTF-8 byte-order mark at the start of a `.txt` file is dropped.
+  A UTF-8 byte-order mark at the start of a `.txt` or `.jsonl` file is dropped. Lone UTF-16
+  surrogates in JSON strings ("\\ud83d" alone) are replaced and counted alike.
+- Files whose name says they are not text (`.json`, `.parquet`, `.bz2`, `.zst`, `.zip`, ...)
+  are refused with a hint rather than tokenized as bytes.
 - Empty and whitespace-only documents are skipped and counted.
 - Crash safety: every shard is written under a `.tmp` name and renamed; meta.json is
   written last. Running the same command again after an interruption starts over and
-  finishes; running it on a finished directory does nothing. A directory made from other
-  input is only replaced with `--overwrite`.
+  finishes; running it on a finished directory does nothing. A finished directory made from
+  other input is only replaced with `--overwrite` (an unfinished one is replaced anyway: its
+  run starts over too).
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ import gzip
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import shlex
@@ -72,7 +77,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from tokenizer import Tokenizer, TokenizerError, get_tokenizer
+from tokenizer import Tokenizer, TokenizerError, get_tokenizer, load_tokenizer
 
 FORMAT_VERSION = 1
 DEFAULT_SHARD_TOKENS = 100_000_000
@@ -85,7 +90,25 @@ MAX_PIECE_CHARS = 1 << 24  # text with no safe cut point this long is cut anyway
 STAGE_BLOCK_TOKENS = 1 << 24
 META_NAME = "meta.json"
 MARKER_NAME = ".prepare_in_progress.json"
+STAGE_NAME = "tokens.stage.tmp"  # all tokens, before a --val-fraction split
 TEXT_SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz")
+# Not text, and not read as such: tokenizing their bytes would make shards of noise.
+# (Files named otherwise, .md or no suffix at all, are text documents.)
+NOT_TEXT_HINTS = {
+    ".json": "a .json file is one JSON value; write one object per line as .jsonl (`jq -c '.[]' in.json > in.jsonl`)",
+    ".parquet": "load it as a Hugging Face dataset, or write its text column out as .jsonl",
+    ".arrow": "load it as a Hugging Face dataset, or write its text column out as .jsonl",
+    ".bz2": "decompress it, or recompress it with gzip (.txt.gz / .jsonl.gz)",
+    ".xz": "decompress it, or recompress it with gzip (.txt.gz / .jsonl.gz)",
+    ".zst": "decompress it, or recompress it with gzip (.txt.gz / .jsonl.gz)",
+    ".lz4": "decompress it, or recompress it with gzip (.txt.gz / .jsonl.gz)",
+    ".zip": "unpack it and pass the files or their directory",
+    ".tar": "unpack it and pass the files or their directory",
+    ".7z": "unpack it and pass the files or their directory",
+    ".npy": "it looks like token shards already: pass its directory to train.py --data",
+    ".bin": "it looks like token shards already: pass its directory to train.py --data",
+    ".pdf": "extract its text first (for example with pdftotext)",
+}
 
 # A cut point where every tiktoken pattern (GPT-2, cl100k, o200k) starts a new pre-token in
 # the whole text as well as in the piece: before " x" that follows a letter, or after a lone
@@ -168,31 +191,60 @@ def _decode(data: bytes, where: str, offset: int, stats: Stats, strict: bool) ->
         return text
 
 
-def _safe_cut(text: str, target: int) -> int | None:
-    """The last safe cut point at or before `target`, else the first after it, else None."""
+def _without_lone_surrogates(text: str, where: str, stats: Stats, strict: bool) -> str:
+    """JSON ("\\ud83d" on its own) and datasets can hold lone UTF-16 surrogates, which are not
+    text UTF-8 can carry nor tiktoken can encode: replaced by U+FFFD and counted, as invalid
+    bytes are."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError as e:
+        if strict:
+            raise DataPrepError(
+                f"{where}: character {e.start} is a lone surrogate (U+{ord(text[e.start]):04X}), not valid text.\n"
+                "HINT: fix the source, or leave out --strict-utf8 to replace such characters with U+FFFD."
+            ) from None
+        # (through UTF-16, as tiktoken does: a high and a low surrogate side by side join up)
+        clean = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+        stats.invalid_utf8 += clean.count("\ufffd") - text.count("\ufffd")
+        if stats.first_invalid is None:
+            stats.first_invalid = f"{where} at character {e.start}"
+            print(f"warning: {where}: lone surrogate at character {e.start}; replaced by U+FFFD", file=sys.stderr)
+        return clean
+
+
+def _safe_cut(text: str, target: int, searched: int = 0) -> int | None:
+    """The last safe cut point at or before `target`, else the first after it, else None.
+    text[:searched] is known to hold none."""
     last = None
-    for match in _SAFE_CUT.finditer(text, max(1, target - _CUT_SEARCH_CHARS), target):
-        last = match.start()
+    if searched <= target:
+        for match in _SAFE_CUT.finditer(text, max(1, target - _CUT_SEARCH_CHARS), target):
+            last = match.start()
     if last:
         return last
-    match = _SAFE_CUT.search(text, target)
+    # (a match needs up to 2 characters after its position, which may have arrived since)
+    match = _SAFE_CUT.search(text, max(target, searched - 2))
     return match.start() if match else None
 
 
 def _split_pieces(blocks: Iterable[str], stats: Stats) -> Iterator[str]:
     """Re-cut a stream of text blocks into pieces of about PIECE_CHARS at safe cut points."""
     buf = ""
+    searched = 0  # buf[:searched] holds no safe cut point: text without one is scanned once
     for block in blocks:
         buf += block
         while len(buf) > PIECE_CHARS:
-            cut = _safe_cut(buf, PIECE_CHARS)
+            cut = _safe_cut(buf, PIECE_CHARS, searched)
+            searched = 0
             if cut is None:
+                searched = len(buf)
                 if len(buf) < MAX_PIECE_CHARS:
                     break  # wait for more text
                 cut = PIECE_CHARS
                 stats.forced_cuts += 1
             yield buf[:cut]
             buf = buf[cut:]
+            searched = max(0, searched - cut)
     if buf:
         yield buf
 
@@ -267,6 +319,8 @@ def _jsonl_pieces(path: Path, text_field: str, stats: Stats, strict: bool) -> It
                 continue
             where = f"{path}:{lineno}"
             line = _decode(raw, where, start, stats, strict)
+            if lineno == 1:
+                line = line.removeprefix("\ufeff")  # a byte-order mark, as some editors write
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
@@ -274,7 +328,7 @@ def _jsonl_pieces(path: Path, text_field: str, stats: Stats, strict: bool) -> It
                     f"{where}: not valid JSON ({e.msg}, column {e.colno}).\n"
                     "HINT: every line of a .jsonl file must be one JSON object."
                 ) from None
-            text = _field_text(record, text_field, where)
+            text = _without_lone_surrogates(_field_text(record, text_field, where), where, stats, strict)
             yield from _document_pieces(text, where, stats)
 
 
@@ -289,7 +343,9 @@ def _file_pieces(files: list[Path], text_field: str, stats: Stats, strict: bool)
             raise DataPrepError(f"{path}: could not be read ({type(e).__name__}: {e}).") from e
 
 
-def _hf_pieces(name: str, config: str | None, split: str, text_field: str, stats: Stats) -> Iterator[tuple[str, bool]]:
+def _hf_pieces(
+    name: str, config: str | None, split: str, text_field: str, stats: Stats, strict: bool
+) -> Iterator[tuple[str, bool]]:
     try:
         from datasets import load_dataset
 
@@ -313,7 +369,8 @@ def _hf_pieces(name: str, config: str | None, split: str, text_field: str, stats
                 "incomplete is left that looks finished."
             ) from e
         where = f"{name} example {index}"
-        yield from _document_pieces(_field_text(example, text_field, where), where, stats)
+        text = _without_lone_surrogates(_field_text(example, text_field, where), where, stats, strict)
+        yield from _document_pieces(text, where, stats)
         index += 1
 
 
@@ -333,6 +390,12 @@ def expand_inputs(specs: list[str]) -> list[Path]:
             found = [Path(spec)]
         else:
             raise DataPrepError(f"{spec}: no such file or directory.")
+        for path in found:
+            hint = NOT_TEXT_HINTS.get(path.suffix.lower())
+            if hint and not path.name.endswith(TEXT_SUFFIXES):
+                raise DataPrepError(
+                    f"{path}: a {path.suffix} file is not text or JSONL, which is what this reads.\nHINT: {hint}."
+                )
         files.extend(found)
     for path in files:
         try:
@@ -363,7 +426,7 @@ class _TaskEncoder:
             return self.tokenizer  # a tiktoken Encoding is safe to share between threads
         # transformers flips settings on the tokenizer object while encoding: one per thread.
         if not hasattr(self.local, "tokenizer"):
-            self.local.tokenizer = get_tokenizer(self.tokenizer.name)
+            self.local.tokenizer = load_tokenizer(self.tokenizer.name)  # not the cached, shared one
         return self.local.tokenizer
 
     def __call__(self, task: list[tuple[str, bool]]) -> np.ndarray:
@@ -522,7 +585,9 @@ def finish_dataset(
 
 
 def _our_files(out: Path) -> list[Path]:
-    names = re.compile(r"(train|val)_\d{6}\.npy|.*\.tmp|" + re.escape(META_NAME) + "|" + re.escape(MARKER_NAME))
+    names = re.compile(
+        r"((train|val)_\d{6}\.npy|" + re.escape(META_NAME) + "|" + re.escape(MARKER_NAME) + "|" + re.escape(STAGE_NAME) + r")(\.tmp)?"
+    )
     return [p for p in out.iterdir() if names.fullmatch(p.name)] if out.is_dir() else []
 
 
@@ -566,10 +631,8 @@ def _claim_output_dir(out: Path, request: dict, overwrite: bool) -> bool:
                 f"(made by: {meta.get('command', '?')}).\nHINT: pass --overwrite to replace it, or choose another --out."
             )
         if marker is not None and marker != request:
-            raise DataPrepError(
-                f"{out} holds an unfinished preparation of other input.\n"
-                "HINT: pass --overwrite to replace it, or choose another --out."
-            )
+            # what an interrupted or failed run left: nothing usable, and it starts over anyway
+            print(f"note: {out} holds an unfinished preparation of other input or settings; replacing it")
         if marker is None and any(p.name.endswith(".npy") for p in _our_files(out)):
             raise DataPrepError(
                 f"{out} holds shards without {META_NAME}; they were not made by this command.\n"
@@ -609,6 +672,10 @@ class PrepareConfig:
             raise DataPrepError("give input files, directories or globs, or --hf-dataset NAME (one of the two).")
         if self.shard_tokens < 1:
             raise DataPrepError("--shard-tokens must be at least 1.")
+        if self.workers < 0:
+            raise DataPrepError("--workers must be 0 (all cores) or more.")
+        if Path(self.tokenizer).is_dir():  # a local tokenizer: meta.json must find it from anywhere
+            self.tokenizer = str(Path(self.tokenizer).resolve())
         if self.val_tokens is not None and self.val_fraction is not None:
             raise DataPrepError("give --val-tokens or --val-fraction, not both.")
         if self.val_tokens is not None and self.val_tokens < 0:
@@ -696,7 +763,7 @@ def _write_shards(
 
     if "tokens" in val:
         writer = ShardWriter(out, dtype, shard_tokens, val["tokens"])
-    stage_path = out / "tokens.stage.tmp"
+    stage_path = out / STAGE_NAME
     total = 0
     with tqdm(desc="tokenizing", unit="tok", unit_scale=True, disable=None, file=sys.stderr) as progress:
         staging = open(stage_path, "wb") if "fraction" in val else contextlib.nullcontext()
@@ -758,7 +825,7 @@ def _run(cfg: PrepareConfig, named: str | None, out: Path, request: dict, files:
     dtype = token_dtype(tokenizer.vocab_size)
     stats = Stats()
     if cfg.hf_dataset:
-        pieces = _hf_pieces(cfg.hf_dataset, cfg.hf_config, cfg.hf_split, cfg.text_field, stats)
+        pieces = _hf_pieces(cfg.hf_dataset, cfg.hf_config, cfg.hf_split, cfg.text_field, stats, cfg.strict_utf8)
     else:
         pieces = _file_pieces(files, cfg.text_field, stats, cfg.strict_utf8)
     stream = token_stream(pieces, tokenizer, dtype, cfg.workers or _cores())
@@ -859,7 +926,7 @@ def _count(text: str) -> int:
         value = float(text[:-1] if scale > 1 else text.replace("_", "")) * scale
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a token count: {text!r}") from None
-    if value != int(value):
+    if not math.isfinite(value) or value != int(value):
         raise argparse.ArgumentTypeError(f"not a whole number of tokens: {text!r}")
     return int(value)
 

@@ -67,14 +67,19 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _tiktoken_cache_dir() -> Path:
-    cache = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR")
-    return Path(cache) if cache else Path(tempfile.gettempdir()) / "data-gym-cache"
+def _tiktoken_cache_dir() -> Path | None:
+    """Where tiktoken caches downloads, by its own rules; None when caching is off (set to "")."""
+    for var in ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR"):
+        if var in os.environ:
+            return Path(os.environ[var]) if os.environ[var] else None
+    return Path(tempfile.gettempdir()) / "data-gym-cache"
 
 
 def _tiktoken_cache_has_gpt2() -> bool:
     """True when tiktoken's cache already holds both GPT-2 files with the right hashes."""
     cache = _tiktoken_cache_dir()
+    if cache is None:
+        return False
     for url, sha in ((GPT2_VOCAB_BPE_URL, GPT2_VOCAB_BPE_SHA256), (GPT2_ENCODER_JSON_URL, GPT2_ENCODER_JSON_SHA256)):
         path = cache / hashlib.sha1(url.encode()).hexdigest()  # tiktoken's cache key
         if not path.is_file() or _sha256(path) != sha:
@@ -139,10 +144,9 @@ def _gpt2_encoding():
         ) from e
 
 
-@functools.lru_cache(maxsize=8)
-def get_tokenizer(name: str = "gpt2") -> Tokenizer:
-    """A tokenizer by name: "gpt2", another tiktoken encoding, or a Hugging Face tokenizer
-    (hub name or local directory)."""
+def load_tokenizer(name: str = "gpt2") -> Tokenizer:
+    """A new tokenizer by name: "gpt2", another tiktoken encoding, or a Hugging Face tokenizer
+    (hub name or local directory). get_tokenizer gives a cached, shared one."""
     import tiktoken
 
     if name == "gpt2":
@@ -170,3 +174,6 @@ def get_tokenizer(name: str = "gpt2") -> Tokenizer:
     if eot is None:
         raise TokenizerError(f"Hugging Face tokenizer {name!r} has no eos token to separate documents with.")
     return Tokenizer(name, len(tok), eot, tok, "hf")
+
+
+get_tokenizer = functools.lru_cache(maxsize=8)(load_tokenizer)

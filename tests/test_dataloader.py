@@ -180,6 +180,33 @@ def test_batches_are_pinned_when_cuda_is_used(data):
     assert x.is_pinned() and y.is_pinned()
 
 
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_position_saved_by_another_world_size_near_the_epoch_end_goes_on_to_the_next_epoch(data, shuffle):
+    one = ShardedDataLoader(data, "train", B, T, shuffle=shuffle)  # 62 chunks, 1 per step
+    for _ in range(61):
+        one.next_batch()
+    state = one.state_dict()  # cursor 61: rank 1 of 2 would read position 62, past the last chunk
+    two = [ShardedDataLoader(data, "train", B, T, rank=r, world_size=2, shuffle=shuffle) for r in range(2)]
+    for loader in two:
+        loader.load_state_dict(state)
+    got = [starts(loader.next_batch()[0]) for loader in two]
+    fresh = [ShardedDataLoader(data, "train", B, T, rank=r, world_size=2, shuffle=shuffle) for r in range(2)]
+    for loader in fresh:
+        for _ in range(31):
+            loader.next_batch()
+    assert got == [starts(loader.next_batch()[0]) for loader in fresh]
+    assert all(loader.epoch == 1 for loader in two)
+
+
+def test_an_empty_split_has_no_chunks_and_says_so(tmp_path):
+    write_llmc(tmp_path / "x_train_000000.bin", np.arange(100))
+    write_llmc(tmp_path / "x_val_000000.bin", np.arange(0))
+    loader = ShardedDataLoader(tmp_path, "val", B, T)
+    assert loader.num_chunks() == 0
+    with pytest.raises(DataError, match="0 chunk"):
+        loader.next_batch()
+
+
 def test_too_little_data_for_one_step_fails_at_the_first_batch(tmp_path):
     data = make_data(tmp_path / "d", n_train=40, shard_tokens=100)
     small = ShardedDataLoader(data, "train", 4, 16)  # opening works: the caller can check num_chunks()

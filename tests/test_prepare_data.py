@@ -121,6 +121,31 @@ def test_text_with_no_safe_cut_point_is_cut_anyway_and_counted(monkeypatch):
     assert meta["forced_cuts"] > 0 and meta["documents"] == 1
 
 
+def test_text_without_cut_points_is_scanned_once_not_once_per_block(monkeypatch):
+    monkeypatch.setattr(prepare_data, "PIECE_CHARS", 100)
+    monkeypatch.setattr(prepare_data, "MAX_PIECE_CHARS", 10_000)
+    scanned = {"chars": 0}
+    real_search = prepare_data._SAFE_CUT.search
+
+    class CountingPattern:
+        def finditer(self, text, pos, endpos):
+            scanned["chars"] += endpos - pos
+            return prepare_data._SAFE_CUT_REAL.finditer(text, pos, endpos)
+
+        def search(self, text, pos):
+            scanned["chars"] += len(text) - pos
+            return real_search(text, pos)
+
+    monkeypatch.setattr(prepare_data, "_SAFE_CUT_REAL", prepare_data._SAFE_CUT, raising=False)
+    monkeypatch.setattr(prepare_data, "_SAFE_CUT", CountingPattern())
+    blocks = ["1. " * 33 + "1"] * 3000  # 300k characters, 100 at a time, no safe cut point anywhere
+    stats = Stats()
+    pieces = list(prepare_data._split_pieces(blocks, stats))
+    assert "".join(pieces) == "".join(blocks) and stats.forced_cuts > 0
+    # each character is searched about once (plus the short backward window per cut), not once per block
+    assert scanned["chars"] < 3 * len("".join(blocks))
+
+
 def test_output_is_byte_identical_for_any_number_of_workers(gpt2, monkeypatch):
     monkeypatch.setattr(prepare_data, "PIECE_CHARS", 500)  # many small tasks, many cuts
     rng = random.Random(1)
@@ -184,6 +209,7 @@ def test_vocabulary_over_65536_ids_is_stored_as_uint32(monkeypatch):
 
     fake = Tokenizer("bytes", vocab_size=70000, eot_id=69999, backend=ByteTokenizer(), kind="hf")
     monkeypatch.setattr(prepare_data, "get_tokenizer", lambda name: fake)
+    monkeypatch.setattr(prepare_data, "load_tokenizer", lambda name: fake)
     write("t.txt", "hi there")
     run_ok("t.txt", "--tokenizer", "bytes", "--val-tokens", "0")
     meta = json.loads(Path("data/t/meta.json").read_text())
@@ -288,6 +314,31 @@ def test_bytes_that_are_not_utf8_are_replaced_and_counted_or_stop_with_strict(gp
     assert "bad.txt: byte offset 3 (byte 0xe9) is not valid UTF-8" in err
 
 
+def test_lone_surrogates_in_jsonl_are_replaced_and_counted_or_stop_with_strict(gpt2, capsys):
+    # valid JSON: json.loads gives a str holding a lone surrogate, which UTF-8 cannot carry
+    write("s.jsonl", '{"text": "broken \\ud83d emoji"}\n{"text": "whole \\ud83d\\ude00 emoji"}\n')
+    run_ok("s.jsonl", "--val-tokens", "0")
+    assert "s.jsonl:1: lone surrogate at character 7" in capsys.readouterr().err
+    assert json.loads(Path("data/s/meta.json").read_text())["invalid_utf8_replaced"] == 1
+    assert np.array_equal(tokens(Path("data/s")), expected(gpt2, ["broken \ufffd emoji", "whole \U0001f600 emoji"]))
+    err = run_error(capsys, "s.jsonl", "--strict-utf8", "--out", "strict")
+    assert "s.jsonl:1: character 7 is a lone surrogate (U+D83D)" in err
+
+
+def test_a_jsonl_file_may_start_with_a_byte_order_mark(gpt2):
+    write("bom.jsonl", '\ufeff{"text": "first"}\n{"text": "second"}\n')
+    run_ok("bom.jsonl", "--val-tokens", "0")
+    assert np.array_equal(tokens(Path("data/bom")), expected(gpt2, ["first", "second"]))
+
+
+@pytest.mark.parametrize("name", ["c.jsonl.bz2", "c.json", "c.parquet", "c.zst"])
+def test_files_that_are_not_text_are_refused_by_name_with_a_hint(capsys, name):
+    write(name, b"BZh91AY&SY\x00\x01")
+    err = run_error(capsys, name, "--out", "x")
+    assert f"{name}: a {Path(name).suffix} file is not text or JSONL" in err and "HINT:" in err
+    assert not Path("x").exists()
+
+
 def test_multibyte_characters_across_read_blocks_decode_exactly(gpt2, monkeypatch):
     monkeypatch.setattr(prepare_data, "READ_BYTES", 7)
     text = "\ufeffaé中😀 " * 50
@@ -340,6 +391,16 @@ def test_directory_made_from_other_input_needs_overwrite(capsys):
     Path("loose").mkdir()
     np.save("loose/train_000000.npy", np.zeros(3, np.uint16))
     assert "holds shards without meta.json" in run_error(capsys, "t.txt", "--out", "loose")
+
+
+def test_a_failed_run_can_be_redone_with_other_settings_and_other_files_stay(capsys):
+    write("t.txt", "some text here " * 10)
+    err = run_error(capsys, "t.txt", "--val-tokens", "5000")  # more than the input: fails half-way
+    assert "--val-tokens" in err and Path("data/t/.prepare_in_progress.json").exists()
+    write("data/t/report.docx.tmp", "someone else's file")
+    run_ok("t.txt", "--val-tokens", "10")  # as the hint says: no --overwrite needed
+    assert "replacing it" in capsys.readouterr().out
+    assert Path("data/t/meta.json").exists() and Path("data/t/report.docx.tmp").read_text() == "someone else's file"
 
 
 def test_interrupted_run_looks_unfinished_and_the_same_command_finishes_it(monkeypatch):
@@ -460,6 +521,14 @@ def test_failed_or_wrong_download_leaves_no_file(tiny_corpus, monkeypatch):
 )
 def test_token_counts_on_the_command_line(text, value):
     assert prepare_data._count(text) == value
+
+
+@pytest.mark.parametrize("text", ["inf", "nan", "1.5", "ten"])
+def test_bad_token_counts_are_argument_errors(text):
+    import argparse
+
+    with pytest.raises(argparse.ArgumentTypeError, match="not a"):
+        prepare_data._count(text)
 
 
 @pytest.mark.parametrize(

@@ -67,3 +67,25 @@ def test_missing_files_give_a_clear_error(monkeypatch, tmp_path, fresh_cache):
     monkeypatch.setattr("tiktoken.registry.ENCODINGS", {})  # forget encodings loaded by other tests
     with pytest.raises(tokenizer.TokenizerError, match="TIKTOKEN_CACHE_DIR"):
         tokenizer.get_tokenizer("gpt2")
+
+
+def test_an_empty_tiktoken_cache_dir_means_no_cache_and_the_packaged_files_are_used(monkeypatch, tmp_path, fresh_cache):
+    import hashlib
+    import shutil
+    import tempfile
+
+    # tiktoken's default cache holds the files, but TIKTOKEN_CACHE_DIR="" tells tiktoken not to look there
+    default_cache = tmp_path / "data-gym-cache"
+    default_cache.mkdir()
+    vocab, encoder = tokenizer.packaged_gpt2_files()
+    for url, path in ((tokenizer.GPT2_VOCAB_BPE_URL, vocab), (tokenizer.GPT2_ENCODER_JSON_URL, encoder)):
+        shutil.copy(path, default_cache / hashlib.sha1(url.encode()).hexdigest())
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("tokenizer tried to download")
+
+    monkeypatch.setattr("requests.get", no_network)
+    monkeypatch.setattr("tiktoken.registry.ENCODINGS", {})  # forget encodings loaded by other tests
+    assert tokenizer.get_tokenizer("gpt2").encode("Hello world") == [15496, 995]
