@@ -465,6 +465,8 @@ def run(argv: list[str] | None = None) -> dict:
                     f"acc_norm {result['acc_norm']:.4f} ({elapsed:.1f} s, "
                     f"{result['num_examples'] / elapsed:.0f} items/s)"
                 )
+        if world_size > 1:
+            dist.barrier()  # no rank closes its connections while another still uses them (see train.main)
         return result
     finally:
         teardown_distributed()

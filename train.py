@@ -589,7 +589,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         d, device = setup_distributed(cfg.device, cfg.dist_timeout_min)
         with attention_context(cfg.attention):
-            return train(cfg, d, device)
+            code = train(cfg, d, device)
+        # Every rank is done with collectives before any closes its connections: without this,
+        # gloo aborted a rank at exit in about one two-process run in 15.
+        d.barrier()
+        return code
     except ConfigError as e:
         print(f"[rank {d.rank}] error: {e}", file=sys.stderr)
         return EXIT_CONFIG
