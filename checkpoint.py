@@ -164,10 +164,12 @@ def save_checkpoint(
     rank: int = 0,
     world_size: int = 1,
     barrier=lambda: None,
+    any_rank=lambda flag: flag,
 ) -> Path:
     """Write the checkpoint holding the state before `step`. Every rank calls this (each
     saves its RNG state); rank 0 writes the rest and publishes it. Raises CheckpointError on
-    any failure, leaving earlier checkpoints as they were."""
+    any failure, on every rank alike (any_rank(flag): whether flag is true on some rank),
+    leaving earlier checkpoints as they were."""
     ckpt_root = Path(run_dir) / "checkpoints"
     final = ckpt_root / checkpoint_name(step)
     tmp = ckpt_root / (checkpoint_name(step) + ".tmp")
@@ -178,7 +180,7 @@ def save_checkpoint(
             if tmp.exists():
                 shutil.rmtree(tmp)  # left by a save that crashed half-way
             tmp.mkdir()
-    except OSError as e:
+    except Exception as e:
         failed = e
     barrier()
     try:
@@ -186,7 +188,8 @@ def save_checkpoint(
         _fsync_file(tmp / f"rng_rank{rank:05d}.pt")
     except Exception as e:  # a full disk is a RuntimeError from torch.save, not an OSError
         failed = failed or e
-    barrier()
+    if any_rank(bool(failed)) and not failed:  # (a checkpoint missing a rank's RNG state is not published)
+        failed = "another rank could not write its RNG state"
     if rank == 0 and not failed:
         try:
             save_file(model_state_for_saving(model), str(tmp / "model.safetensors"))
@@ -211,7 +214,8 @@ def save_checkpoint(
             write_text_atomic(ckpt_root / "latest", final.name + "\n")
         except Exception as e:  # safetensors reports a full disk as a SafetensorError
             failed = e
-    barrier()
+    if any_rank(bool(failed)) and not failed:  # every rank raises, or none does
+        failed = "rank 0 could not write it"
     if failed and rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
     if failed:

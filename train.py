@@ -247,6 +247,15 @@ class Dist:
         if self.enabled:
             dist.barrier()
 
+    def any(self, flag: bool) -> bool:
+        """Whether flag is true on some rank; a collective, every rank calls it."""
+        if not self.enabled:
+            return flag
+        on_gpu = dist.get_backend() == "nccl"
+        count = torch.tensor([int(flag)], device=torch.cuda.current_device() if on_gpu else "cpu")
+        dist.all_reduce(count, op=dist.ReduceOp.SUM)
+        return count.item() > 0
+
 
 def best_device() -> str:
     """CUDA, then MPS, then CPU."""
@@ -789,6 +798,7 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> int:
             d.rank,
             d.world_size,
             d.barrier,
+            d.any,
         )
         if d.master:
             ckpt_lib.prune_checkpoints(out_dir, cfg.keep_last, cfg.keep_every, step)
