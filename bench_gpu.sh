@@ -8,7 +8,8 @@
 #
 # Items, each with the seconds it is expected to take on an H100 or H200, compilation included
 # (estimates, to be corrected from the first GPU run's "took" lines). With BUDGET_S set, an item
-# starts only if its estimate fits in what is left, so one call never starts what it cannot finish.
+# starts only if its estimate fits in what is left, and a command still running when the budget
+# is spent is stopped, so the closing tables are always printed.
 ORDER=(env gpt2 xl overhead tests gpt2-fused gpt2-blocks gpt2-batch attention xl-ac variants hellaswag modes)
 declare -A ESTIMATE_S=(
     [env]=10            # the GPU, the driver, torch and CUDA versions
@@ -104,7 +105,20 @@ fi
 # Within an item every command runs even after one fails (an attention kernel this build
 # lacks, say); the item fails at the end if any did.
 status=0
-step() { "$@" || { echo "FAILED (exit $?): $*"; status=1; }; }
+deadline=0 # the value of $SECONDS by which every command must have ended (0: no limit)
+step() {
+    local limit=()
+    if ((deadline > 0)) && ! declare -F "$1" >/dev/null; then # (a shell function cannot be timed out)
+        local left=$((deadline - SECONDS))
+        if ((left <= 0)); then
+            echo "NOT RUN (budget spent): $*"
+            status=1
+            return
+        fi
+        limit=(timeout -k 10 "$left")
+    fi
+    "${limit[@]}" "$@" || { echo "FAILED (exit $?): $*"; status=1; }
+}
 bench() { step "$PYTHON" bench.py --save "$RESULTS" --seq-len "$SEQ" "$@"; }
 GPT2=(--model "$MODEL" --batch-size "$BATCH" --steps 20 --warmup 5)
 
@@ -151,6 +165,7 @@ item_overhead() {
     step "$PYTHON" train.py --data "$DATA" --out "$run" --model "$MODEL" --batch-size "$BATCH" --seq-len "$SEQ" \
         --max-steps 60 --eval-every 0 --checkpoint-every 0 --num-samples 1 --sample-tokens 8 \
         --resume never --log-every 10
+    [[ -s "$run/metrics.jsonl" ]] || return 0 # train.py failed (reported above): nothing to compare
     cp "$run/metrics.jsonl" "$LOGS/overhead_metrics.jsonl"
     overhead_report 2>/dev/null || { bench "${GPT2[@]}" && step overhead_report; }
 }
@@ -190,6 +205,7 @@ PY
 failures=0
 summary=()
 start_all=$SECONDS
+((BUDGET_S > 0)) && deadline=$((start_all + BUDGET_S))
 for name in "${@:-${ORDER[@]}}"; do
     used=$((SECONDS - start_all))
     if ((BUDGET_S > 0 && used + ESTIMATE_S[$name] > BUDGET_S)); then

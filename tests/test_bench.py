@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -115,6 +116,31 @@ def test_gpu_script_starts_only_the_items_that_fit_its_budget(tmp_path):
     assert "=== gpt2 skipped: expected to take 90 s" in result.stdout
     assert "gpt2: skipped" in result.stdout.split("=== items")[1]
     assert not (tmp_path / "results.jsonl").exists()
+
+
+def test_gpu_script_stops_a_command_still_running_when_the_budget_is_spent(tmp_path):
+    """An estimate can be wrong: a command that outlives the budget is stopped, and the closing
+    tables are still printed. (An interpreter that takes 60 s to start stands in for a slow item.)"""
+    slow = tmp_path / "slow_python"
+    slow.write_text(f"#!/bin/bash\nsleep 60\nexec {sys.executable} \"$@\"\n")
+    slow.chmod(0o755)
+    env = {**script_env(LOGS=str(tmp_path / "logs"), BUDGET_S="12"), "PYTHON": str(slow)}
+    started = time.monotonic()
+    result = subprocess.run(
+        ["bash", str(ROOT / "bench_gpu.sh"), "env"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert time.monotonic() - started < 40
+    assert result.returncode == 1 and "FAILED (exit 124)" in result.stdout
+    assert "=== items\nenv: FAILED" in result.stdout
+
+
+def test_gpu_script_overhead_item_stops_where_train_py_fails(tmp_path):
+    env = script_env(LOGS=str(tmp_path / "logs"), MODEL="tiny", SEQ="32", BATCH="2", DATA=str(tmp_path / "nodata"))
+    result = subprocess.run(
+        ["bash", str(ROOT / "bench_gpu.sh"), "overhead"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 1 and "FAILED (exit 1)" in result.stdout
+    assert not (tmp_path / "logs" / "results.jsonl").exists()  # no benchmark run for nothing
 
 
 def test_activation_memory_counts_less_with_each_memory_option(capsys):
