@@ -586,7 +586,13 @@ def finish_dataset(
 
 def _our_files(out: Path) -> list[Path]:
     names = re.compile(
-        r"((train|val)_\d{6}\.npy|" + re.escape(META_NAME) + "|" + re.escape(MARKER_NAME) + "|" + re.escape(STAGE_NAME) + r")(\.tmp)?"
+        r"((train|val)_\d{6}\.npy|"
+        + re.escape(META_NAME)
+        + "|"
+        + re.escape(MARKER_NAME)
+        + "|"
+        + re.escape(STAGE_NAME)
+        + r")(\.tmp)?"
     )
     return [p for p in out.iterdir() if names.fullmatch(p.name)] if out.is_dir() else []
 

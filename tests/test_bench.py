@@ -122,7 +122,7 @@ def test_gpu_script_stops_a_command_still_running_when_the_budget_is_spent(tmp_p
     """An estimate can be wrong: a command that outlives the budget is stopped, and the closing
     tables are still printed. (An interpreter that takes 60 s to start stands in for a slow item.)"""
     slow = tmp_path / "slow_python"
-    slow.write_text(f"#!/bin/bash\nsleep 60\nexec {sys.executable} \"$@\"\n")
+    slow.write_text(f'#!/bin/bash\nsleep 60\nexec {sys.executable} "$@"\n')
     slow.chmod(0o755)
     env = {**script_env(LOGS=str(tmp_path / "logs"), BUDGET_S="12"), "PYTHON": str(slow)}
     started = time.monotonic()

@@ -313,7 +313,9 @@ def _save_while_rank_1_cannot_write(rank: int, store: str, run_dir: str) -> None
 
 
 def test_a_save_that_fails_on_one_rank_fails_on_every_rank_and_publishes_nothing(tmp_path):
-    torch.multiprocessing.spawn(_save_while_rank_1_cannot_write, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    torch.multiprocessing.spawn(
+        _save_while_rank_1_cannot_write, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2
+    )
     outcomes = [(tmp_path / f"rank{rank}.txt").read_text() for rank in range(2)]
     assert "another rank could not write its RNG state" in outcomes[0]
     assert "unexpected pos" in outcomes[1]
