@@ -288,9 +288,9 @@ class ShardedDataLoader:
                 f"B*T = {self.chunk_tokens:,} (+1) tokens, fewer than the {self.chunks_per_step} that one step of all ranks needs.\n"
                 "HINT: lower the batch size or sequence length, or prepare more data."
             )
-        # The cursor is a multiple of world_size, and this is `cursor >= epoch positions`, unless
-        # the position was saved by a run of another world size: then the epoch ends as soon as
-        # the ranks' next chunks no longer all fit in it.
+        # Normally the cursor is a multiple of world_size and this reads `cursor >= epoch
+        # positions`. A position saved by a run of another world size may not be; then the
+        # epoch ends as soon as the ranks' next chunks no longer all fit in it.
         if self.cursor + self.world_size > self._epoch_positions():
             self.epoch, self.cursor = self.epoch + 1, 0
         chunk = self._chunk_at_position(self.cursor + self.rank)
