@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", nargs="+", default=["gpt2"], choices=list(PRESETS), help="presets to time")
     parser.add_argument("--batch-size", nargs="+", type=int, default=[16], help="micro-batch sizes to time")
-    parser.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence")
+    parser.add_argument("--seq-len", type=int, help="tokens per sequence (default: the preset's block size)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps (the median is reported)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
@@ -271,12 +271,16 @@ def main(argv: list[str] | None = None) -> int:
         )
         if part
     )
+
+    def seq_len(preset: str) -> int:
+        return args.seq_len or config_from_preset(preset).block_size
+
     if args.activation_memory:
         for preset in args.model:
             with attention_context(args.attention):
                 row = activation_memory(
                     preset,
-                    args.seq_len,
+                    seq_len(preset),
                     device,
                     args.dtype,
                     args.activation_checkpointing,
@@ -286,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 json.dumps(row)
                 if args.json
-                else f"{preset:12s} T={args.seq_len} {row['dtype']:8s} {variant}  kept for backward: "
+                else f"{preset:12s} T={seq_len(preset)} {row['dtype']:8s} {variant}  kept for backward: "
                 f"{row['per_sequence_mib']:8.1f} MiB per sequence + {row['fixed_mib']:7.1f} MiB per step; "
                 f"weights, gradients and AdamW state {row['weights_grads_adam_gib']} GiB",
                 flush=True,
@@ -299,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
                     result = bench_one(
                         preset,
                         batch_size,
-                        args.seq_len,
+                        seq_len(preset),
                         args.steps,
                         args.warmup,
                         device,
@@ -317,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"error: {e}", file=sys.stderr)
                     return 2
                 except torch.OutOfMemoryError:
-                    result = {"model": preset, "batch_size": batch_size, "seq_len": args.seq_len, "error": "OOM"}
+                    result = {"model": preset, "batch_size": batch_size, "seq_len": seq_len(preset), "error": "OOM"}
                     torch.cuda.empty_cache()
                 row = {**result, "variant": variant}
                 print(json.dumps(row) if args.json else describe(result, variant), flush=True)

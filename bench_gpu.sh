@@ -40,7 +40,8 @@ declare -A ESTIMATE_S=(
 #   WHEELS          folder of wheels to install first, for machines without a package index
 #   PYTHON          the interpreter (default python3: the one on PATH, so activate the environment)
 #   MODEL, XL, SEQ  presets and sequence length (default gpt2, gpt2-xl, 1024); tiny, tiny and 64
-#                   try the script out on a CPU
+#                   try the script out on a CPU (where the items that need torch.compile or a
+#                   CUDA attention kernel report FAILED)
 #
 # An item that fails is reported and the next one runs; the exit code counts the failures. The
 # last lines printed are a table of every result, which is what a remote call's output keeps.

@@ -95,7 +95,7 @@ class TrainConfig:
     # precision and speed
     dtype: str = _flag(
         "auto",
-        "bf16, fp16 (with a grad scaler, CUDA) or fp32; auto: bf16 where supported, else fp32",
+        "bf16, fp16 (with a grad scaler, CUDA) or fp32; auto: bf16 on GPUs with native bf16 (Ampere on), else fp32",
         choices=["auto", "bf16", "fp16", "fp32"],
     )
     compile: bool | None = _flag(None, "torch.compile the model; default: on for CUDA, off elsewhere")
@@ -202,8 +202,19 @@ class ConfigError(ValueError):
     """A flag or a combination of flags that cannot work; the message says which."""
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The module docstring as written, and each flag's default after its help (where it has
+    one the help does not already spell out)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help = action.help or ""
+        if action.default in (None, "", argparse.SUPPRESS) or "default" in help or not action.option_strings:
+            return help
+        return help + " (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         meta = dict(f.metadata)

@@ -158,3 +158,9 @@ def test_activation_memory_counts_less_with_each_memory_option(capsys):
     # the plain loss alone keeps 128 x 50,304 fp32 log-probabilities per sequence (24.6 MiB)
     assert per_sequence["plain"] - per_sequence["fused"] >= 128 * 50304 * 4 / 2**20
     assert 0 < per_sequence["checkpointed"] < per_sequence["plain"]
+
+
+def test_sequence_length_defaults_to_the_presets_block_size(capsys):
+    # tiny's block size is 128; a fixed default of 1024 would not fit it
+    assert bench.main(["--model", "tiny", "--batch-size", "1", "--device", "cpu", "--steps", "1", "--warmup", "1"]) == 0
+    assert "T=128" in capsys.readouterr().out

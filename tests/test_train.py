@@ -393,3 +393,10 @@ def test_wandb_missing_package_is_a_clear_error(tiny_data, tmp_path, monkeypatch
     assert train.main(args) == train.EXIT_CONFIG
     assert "pip install wandb" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # failed before any work
+
+
+def test_help_shows_each_flags_default(capsys):
+    with pytest.raises(SystemExit):
+        train.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "optimizer steps to train for (default: 300)" in text and "peak learning rate (default: 0.001)" in text
