@@ -24,8 +24,8 @@ chunk at position cursor + r. So the W ranks of one step together read one conti
 of B*T*W + 1 tokens, and one process taking two steps reads the same chunks as two processes
 taking one step each. An epoch has num_chunks - num_chunks % S positions, S the chunks of
 one optimizer step (`chunks_per_step`: W times the accumulation steps, W by default):
-nothing is skipped or read twice except that short tail. With `shuffle`, position p reads chunk perm[p], perm a
-permutation of all chunks drawn from (seed, epoch): independent of W.
+nothing is skipped or read twice except that short tail. With `shuffle`, position p reads
+chunk perm[p], perm a permutation of all chunks drawn from (seed, epoch): independent of W.
 
 `state_dict()` holds that global position (epoch, cursor), so a run resumes with the same or
 another world size. `batch_at(c)` reads chunk c without shuffling: a fixed validation stream.

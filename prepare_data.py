@@ -95,19 +95,19 @@ TEXT_SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz")
 # Not text, and not read as such: tokenizing their bytes would make shards of noise.
 # (Files named otherwise, .md or no suffix at all, are text documents.)
 NOT_TEXT_HINTS = {
-    ".json": "a .json file is one JSON value; write one object per line as .jsonl (`jq -c '.[]' in.json > in.jsonl`)",
-    ".parquet": "load it as a Hugging Face dataset, or write its text column out as .jsonl",
-    ".arrow": "load it as a Hugging Face dataset, or write its text column out as .jsonl",
-    ".bz2": "decompress it, or recompress it with gzip (.txt.gz / .jsonl.gz)",
-    ".xz": "decompress it, or recompress it with gzip (.txt.gz / .jsonl.gz)",
-    ".zst": "decompress it, or recompress it with gzip (.txt.gz / .jsonl.gz)",
-    ".lz4": "decompress it, or recompress it with gzip (.txt.gz / .jsonl.gz)",
-    ".zip": "unpack it and pass the files or their directory",
-    ".tar": "unpack it and pass the files or their directory",
-    ".7z": "unpack it and pass the files or their directory",
-    ".npy": "it looks like token shards already: pass its directory to train.py --data",
-    ".bin": "it looks like token shards already: pass its directory to train.py --data",
-    ".pdf": "extract its text first (for example with pdftotext)",
+    suffix: hint
+    for suffixes, hint in (
+        (
+            (".json",),
+            "a .json file is one JSON value; write one object per line as .jsonl (`jq -c '.[]' in.json > in.jsonl`)",
+        ),
+        ((".parquet", ".arrow"), "load it as a Hugging Face dataset, or write its text column out as .jsonl"),
+        ((".bz2", ".xz", ".zst", ".lz4"), "decompress it, or recompress it with gzip (.txt.gz / .jsonl.gz)"),
+        ((".zip", ".tar", ".7z"), "unpack it and pass the files or their directory"),
+        ((".npy", ".bin"), "it looks like token shards already: pass its directory to train.py --data"),
+        ((".pdf",), "extract its text first (for example with pdftotext)"),
+    )
+    for suffix in suffixes
 }
 
 # A cut point where every tiktoken pattern (GPT-2, cl100k, o200k) starts a new pre-token in

@@ -125,18 +125,17 @@ def test_text_without_cut_points_is_scanned_once_not_once_per_block(monkeypatch)
     monkeypatch.setattr(prepare_data, "PIECE_CHARS", 100)
     monkeypatch.setattr(prepare_data, "MAX_PIECE_CHARS", 10_000)
     scanned = {"chars": 0}
-    real_search = prepare_data._SAFE_CUT.search
+    pattern = prepare_data._SAFE_CUT
 
     class CountingPattern:
         def finditer(self, text, pos, endpos):
             scanned["chars"] += endpos - pos
-            return prepare_data._SAFE_CUT_REAL.finditer(text, pos, endpos)
+            return pattern.finditer(text, pos, endpos)
 
         def search(self, text, pos):
             scanned["chars"] += len(text) - pos
-            return real_search(text, pos)
+            return pattern.search(text, pos)
 
-    monkeypatch.setattr(prepare_data, "_SAFE_CUT_REAL", prepare_data._SAFE_CUT, raising=False)
     monkeypatch.setattr(prepare_data, "_SAFE_CUT", CountingPattern())
     blocks = ["1. " * 33 + "1"] * 3000  # 300k characters, 100 at a time, no safe cut point anywhere
     stats = Stats()
