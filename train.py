@@ -447,8 +447,7 @@ def evaluate_val_loss(
     # fp64 so that the sum does not depend on how chunks are split over ranks; MPS has no fp64
     total = torch.zeros(2, device=device, dtype=torch.float32 if device.type == "mps" else torch.float64)
     for c in range(d.rank, n_chunks, d.world_size):
-        x, y = val_loader.batch_at(c)
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x, y = val_loader.batch_at(c)  # already on the device
         with autocast_context(device, amp):
             loss = model(x, y)[1]
         total[0] += loss.to(total.dtype) * y.numel()
@@ -671,12 +670,12 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> int:
         d.world_size,
         shuffle=cfg.shuffle,
         seed=cfg.seed,
-        pin_memory=device.type == "cuda",
         chunks_per_step=d.world_size * grad_accum,
+        device=device,
     )
     val_loader, val_chunks = None, 0
     if cfg.eval_every:
-        val_loader = ShardedDataLoader(data_dir, "val", cfg.batch_size, seq_len, d.rank, d.world_size)
+        val_loader = ShardedDataLoader(data_dir, "val", cfg.batch_size, seq_len, d.rank, d.world_size, device=device)
         if val_loader.num_chunks() == 0:
             raise ConfigError(
                 f"the validation split of {data_dir} has fewer than batch-size * seq-len + 1 tokens; "
@@ -879,8 +878,7 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> int:
         inject_nan = fault_injection("NAN_AT_STEP", step, d.rank)
         for micro_step in range(grad_accum):
             t_data = time.perf_counter()
-            x, y = train_loader.next_batch()
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x, y = train_loader.next_batch()  # on the device; the copy is queued, not awaited
             data_s += time.perf_counter() - t_data
             # all-reduce gradients only on the last micro-step
             sync = nullcontext() if not d.enabled or micro_step == grad_accum - 1 else train_model.no_sync()

@@ -41,18 +41,33 @@ def test_padded_columns_get_no_gradient():
     assert w.grad[:vocab].abs().max().item() > 0.0
 
 
-def test_bf16_autocast_stays_close_to_the_plain_path():
-    x, w, targets, vocab = inputs(n=256, c=64, padded=512, vocab=500, dtype=torch.float32)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        fused = linear_cross_entropy(x, w, targets, vocab, 64)
-        fused_grads = torch.autograd.grad(fused, (x, w))
+def relative_errors(device: str, chunk_rows: int, **sizes) -> tuple[list[float], list[float]]:
+    """Relative gradient errors against fp64 of the fused loss and of the plain loss, both
+    under bf16 autocast: bf16 logits cost the plain path accuracy too, and the fused loss
+    must lose no more than it does."""
+    x, w, targets, vocab = inputs(dtype=torch.float32, device=device, **sizes)
+    results = []
+    with torch.autocast(device, dtype=torch.bfloat16):
+        for loss in (linear_cross_entropy(x, w, targets, vocab, chunk_rows), plain_loss(x, w, targets, vocab)):
+            assert loss.dtype == torch.float32
+            grads = torch.autograd.grad(loss, (x, w))
+            assert all(g.dtype == torch.float32 for g in grads)  # in the parameters' dtype
+            results.append((loss.item(), grads))
     reference = plain_loss(x.double(), w.double(), targets, vocab)
     reference_grads = torch.autograd.grad(reference, (x, w))
-    assert fused.dtype == torch.float32
-    assert fused.item() == pytest.approx(reference.item(), rel=1e-2)
-    for got, ref in zip(fused_grads, reference_grads):
-        assert got.dtype == torch.float32  # gradients come back in the parameters' dtype
-        assert ((got.double() - ref).norm() / ref.norm()).item() < 2e-2
+    fused_loss = results[0][0]
+    assert fused_loss == pytest.approx(reference.item(), rel=1e-2)
+    rel = [
+        [((g.double() - r).norm() / r.norm()).item() for g, r in zip(grads, reference_grads)] for _, grads in results
+    ]
+    return rel[0], rel[1]
+
+
+def test_bf16_autocast_loses_no_more_than_the_plain_path():
+    fused, plain = relative_errors("cpu", 64, n=256, c=64, padded=512, vocab=500)
+    for f, p in zip(fused, plain):
+        assert f <= 1.05 * p + 1e-3
+        assert f < 2e-2
 
 
 def test_full_logits_are_never_saved_for_backward():
@@ -77,13 +92,9 @@ def test_bad_chunk_size_is_rejected():
 
 
 @requires_gpu
-def test_bf16_on_gpu_matches_fp64_reference():
-    x, w, targets, vocab = inputs(n=4096, c=256, padded=50304, vocab=50257, dtype=torch.float32, device="cuda")
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        fused = linear_cross_entropy(x, w, targets, vocab, 1000)
-        fused_grads = torch.autograd.grad(fused, (x, w))
-    reference = plain_loss(x.double(), w.double(), targets, vocab)
-    reference_grads = torch.autograd.grad(reference, (x, w))
-    assert fused.item() == pytest.approx(reference.item(), rel=1e-2)
-    for got, ref in zip(fused_grads, reference_grads):
-        assert ((got.double() - ref).norm() / ref.norm()).item() < 2e-2
+def test_bf16_on_gpu_loses_no_more_than_the_plain_path():
+    # Full GPT-2 width of vocabulary; random unit-variance inputs give logits of size ~16, where
+    # bf16 rounding alone costs both paths about 2.3% (seen on an H200 and on a CPU alike).
+    fused, plain = relative_errors("cuda", 1000, n=4096, c=256, padded=50304, vocab=50257)
+    for f, p in zip(fused, plain):
+        assert f <= 1.05 * p + 1e-3
