@@ -6,25 +6,30 @@
 #   bash bench_gpu.sh xl-ac modes       # the named items only, in the order given
 #   bash bench_gpu.sh pack DIR          # where there is network: what an offline GPU machine needs
 #
-# Items, each with the seconds it is expected to take on an H100 or H200, compilation included
-# (estimates, to be corrected from the first GPU run's "took" lines). With BUDGET_S set, an item
-# starts only if its estimate fits in what is left, and a command still running when the budget
-# is spent is stopped, so the closing tables are always printed.
-ORDER=(env gpt2 xl overhead tests gpt2-fused gpt2-blocks gpt2-batch attention xl-ac variants hellaswag modes)
+# Items, each with the seconds it is expected to take on an H100 or H200, compilation included:
+# from the "took" lines of the 2026-11-29 H200 run plus a margin (that run compiled the gpt2 item
+# from nothing and reused its kernels in later items), guesses where an item did not run. With
+# BUDGET_S set, an item starts only if its estimate fits in what is left, and a command still
+# running when the budget is spent is stopped, so the closing tables are always printed. The
+# order puts first what the last run did not measure, after the headline and the loop overhead.
+ORDER=(env gpt2 overhead xl tests gpt2-combined xl-batch hellaswag gpt2-blocks modes
+    gpt2-fused attention gpt2-batch xl-ac variants)
 declare -A ESTIMATE_S=(
-    [env]=10            # the GPU, the driver, torch and CUDA versions
-    [gpt2]=90           # 124M at micro-batch 32: the headline tokens/s, MFU, memory, compile time
-    [xl]=150            # 1.5B at micro-batch 8, block by block: does it fit, at what MFU
-    [overhead]=100      # train.py against bench.py at the gpt2 item's shape: the loop's share
-    [tests]=180         # pytest -m gpu: bf16, compiled runs, the options' loss curves
-    [gpt2-fused]=90     # the gpt2 item with the fused output layer and loss
+    [env]=10            # the GPU, the driver, torch and CUDA versions (took 6 s)
+    [gpt2]=70           # 124M at micro-batch 32: the headline tokens/s, MFU, memory, compile time (52 s)
+    [overhead]=60       # train.py against bench.py at the gpt2 item's shape: the loop's share (30 s)
+    [xl]=75             # 1.5B at micro-batch 8, block by block: does it fit, at what MFU (55 s)
+    [tests]=90          # pytest -m gpu: bf16, compiled runs, the options' loss curves (62 s)
+    [gpt2-combined]=70  # 124M with what measured fastest: micro-batch 64, cuDNN attention, fused loss
+    [xl-batch]=80       # 1.5B at micro-batch 16, block by block, fused loss, no checkpointing
+    [hellaswag]=150     # all 10,042 items batched, the first 1,000 one at a time
     [gpt2-blocks]=60    # the gpt2 item compiled block by block (--compile-scope blocks)
-    [gpt2-batch]=150    # 124M at micro-batch 16 and 64
-    [attention]=150     # SDPA restricted to cuDNN, then to flash
-    [xl-ac]=150         # 1.5B at micro-batch 16 with every block checkpointed and the fused loss
-    [variants]=200      # vocabulary unpadded, AdamW unfused, no torch.compile
-    [hellaswag]=120     # all 10,042 items, batched against one at a time
     [modes]=300         # torch.compile max-autotune-no-cudagraphs and reduce-overhead
+    [gpt2-fused]=70     # the gpt2 item with the fused output layer and loss (54 s)
+    [attention]=90      # SDPA restricted to cuDNN, then to flash (49 s, compiled kernels cached)
+    [gpt2-batch]=90     # 124M at micro-batch 16 and 64 (64 s)
+    [xl-ac]=80          # 1.5B at micro-batch 16 with every block checkpointed and the fused loss (60 s)
+    [variants]=130      # vocabulary unpadded, AdamW unfused, no torch.compile (90 s)
 )
 # Environment (all optional):
 #   LOGS            where the results go: bench_gpu.log (everything printed), results.jsonl (a row per
@@ -139,6 +144,8 @@ item_attention() {
     bench "${GPT2[@]}" --attention cudnn
     bench "${GPT2[@]}" --attention flash
 }
+item_gpt2-combined() { bench --model "$MODEL" --batch-size 64 --steps 20 --warmup 5 --attention cudnn --fused-loss; }
+item_xl-batch() { bench --model "$XL" --batch-size 16 --steps 8 --warmup 3 --compile-scope blocks --fused-loss; }
 item_xl-ac() {
     bench --model "$XL" --batch-size 16 --steps 8 --warmup 3 --compile-scope blocks --activation-checkpointing 1 --fused-loss
 }

@@ -106,14 +106,14 @@ def test_gpu_script_refuses_an_unknown_item_before_running_any(tmp_path):
 
 def test_gpu_script_starts_only_the_items_that_fit_its_budget(tmp_path):
     """With BUDGET_S an item starts only if its estimate fits in what is left: here env (10 s)
-    runs and gpt2 (90 s) is skipped and said to be, not started and cut off by the lease."""
+    runs and gpt2 (70 s) is skipped and said to be, not started and cut off by the lease."""
     env = script_env(LOGS=str(tmp_path), BUDGET_S="30")
     result = subprocess.run(
         ["bash", str(ROOT / "bench_gpu.sh"), "env", "gpt2"], env=env, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "=== env took" in result.stdout and "torch" in (tmp_path / "bench_gpu.log").read_text()
-    assert "=== gpt2 skipped: expected to take 90 s" in result.stdout
+    assert "=== gpt2 skipped: expected to take 70 s" in result.stdout
     assert "gpt2: skipped" in result.stdout.split("=== items")[1]
     assert not (tmp_path / "results.jsonl").exists()
 
