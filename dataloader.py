@@ -75,8 +75,10 @@ def _open_npy(path: Path, hint: str) -> np.ndarray:
             offset = f.tell()
     except (ValueError, OSError, SyntaxError) as e:
         raise DataError(f"{path}: not a readable .npy file ({e}).\n{hint}") from None
-    if len(shape) != 1 or dtype.kind != "u":
-        raise DataError(f"{path}: holds a {dtype} array of shape {shape}, expected 1-D unsigned token ids.\n{hint}")
+    if len(shape) != 1 or dtype.kind != "u" or dtype.itemsize > 4:
+        raise DataError(
+            f"{path}: holds a {dtype} array of shape {shape}, expected 1-D unsigned token ids of at most 32 bits.\n{hint}"
+        )
     return _memmap(path, dtype, offset, shape[0], hint)
 
 
@@ -201,26 +203,28 @@ class PinnedStaging:
 
     The loader used to pin a fresh buffer for each batch (`tensor.pin_memory()`), which goes
     to the pinned-memory allocator, and through it possibly to cudaHostAlloc, on every call;
-    on an H200 train.py's `data_ms` was then 3.5-7 ms a step, 7% of a 124M step. Here a batch
+    on an H200 train.py's `data_ms` was then 3.5-7.1 ms a step, 7% of a 124M step. Here a batch
     costs one host memcpy, one asynchronous copy and one CUDA event. A buffer is refilled
     only after the event of its previous copy has completed, so a batch still queued on the
-    GPU is never overwritten.
+    GPU is never overwritten. With one buffer per micro-step of an optimizer step, plus one,
+    that wait never blocks a loop that syncs with the GPU once a step (train.py does).
     """
 
-    def __init__(self, numel: int, device: torch.device, slots: int = 2) -> None:
+    def __init__(self, numel: int, device: torch.device, slots: int) -> None:
+        if device.index is None:  # "cuda": the current device, fixed now so that copies and events agree
+            device = torch.device("cuda", torch.cuda.current_device())
         self.device = device
-        self._buffers = [torch.empty(numel, dtype=torch.int64, pin_memory=True) for _ in range(slots)]
+        with torch.cuda.device(device):  # the pinned memory's CUDA context: this device's, not cuda:0's
+            self._buffers = [torch.empty(numel, dtype=torch.int64, pin_memory=True) for _ in range(slots)]
         self._host = [buffer.numpy() for buffer in self._buffers]  # views of the same memory
         self._copied = [torch.cuda.Event() for _ in range(slots)]
-        self._used = [False] * slots
         self._next = 0
 
     def to_device(self, *parts: np.ndarray) -> torch.Tensor:
         """The concatenation of `parts` as one int64 tensor on the device."""
         i = self._next
         self._next = (i + 1) % len(self._buffers)
-        if self._used[i]:
-            self._copied[i].synchronize()  # (normally long done: the copy was queued a batch ago)
+        self._copied[i].synchronize()  # (returns at once for an event never recorded)
         host = self._host[i]
         start = 0
         for part in parts:
@@ -228,7 +232,6 @@ class PinnedStaging:
             start += len(part)
         out = self._buffers[i][:start].to(self.device, non_blocking=True)
         self._copied[i].record(torch.cuda.current_stream(self.device))
-        self._used[i] = True
         return out
 
 
@@ -276,7 +279,12 @@ class ShardedDataLoader:
         self.num_tokens: int = self._starts[-1]
         self.chunk_tokens = batch_size * seq_len
         self._perm_epoch, self._perm = -1, None
-        self._staging = PinnedStaging(2 * self.chunk_tokens, self.device) if self.device.type == "cuda" else None
+        self._staging = None
+        if self.device.type == "cuda":
+            # one buffer per micro-step of a step, and one more (see PinnedStaging)
+            slots = self.chunks_per_step // world_size + 1
+            self._staging = PinnedStaging(2 * self.chunk_tokens, self.device, slots)
+            self.device = self._staging.device
         self.reset()
 
     # ---- addressing ----

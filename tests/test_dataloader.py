@@ -240,6 +240,13 @@ def test_reads_build_nanogpt_npy_shards(tmp_path):
     assert torch.equal(loader.batch_at(6)[0].flatten(), torch.arange(196, 212))  # across the two train shards
 
 
+@pytest.mark.parametrize("dtype", [np.int32, np.uint64, np.float32])
+def test_npy_shards_of_other_than_unsigned_32_bit_ids_are_refused(tmp_path, dtype):
+    np.save(tmp_path / "edufineweb_train_000000.npy", np.arange(100, dtype=dtype))
+    with pytest.raises(DataError, match="(?s)edufineweb_train_000000.npy: holds a .* at most 32 bits"):
+        ShardedDataLoader(tmp_path, "train", B, T)
+
+
 def write_llmc(path: Path, tokens: np.ndarray, magic: int = 20240520, version: int = 1, count: int | None = None):
     header = np.zeros(256, dtype=np.int32)
     header[:3] = magic, version, len(tokens) if count is None else count
