@@ -3,10 +3,10 @@
 Both paths score items with the same randomly initialised model in the same process; the
 one-at-a-time loop is how the original script works (four rows per forward pass and a host
 sync per item). The batched path is timed on all the items (the time of one full evaluation),
-the one-at-a-time loop on the first --slow-limit of them (on a GPU it runs at a few hundred
-items a second: three passes over all 10,042 items would take minutes); both are compared in
-items per second, and their accuracies on the shared items must agree. Prints figures as each
-phase ends; asserts nothing.
+the one-at-a-time loop on the first --slow-limit of them (a version that ran it three times
+over all 10,042 items printed nothing in the 241 s an H200 run left it); both are compared in
+items per second, with both accuracies on the items both score (equal in fp32). Prints
+figures as each phase ends; asserts nothing.
 
     python bench_hellaswag.py --device cpu --model tiny --limit 500
     python bench_hellaswag.py --device cuda --model gpt2 --compile
@@ -112,15 +112,18 @@ def main(argv: list[str] | None = None) -> int:
         f"acc {slow['acc']:.4f} acc_norm {slow['acc_norm']:.4f}"
     )
     same = batched(shared)
-    agree = (same["acc"], same["acc_norm"]) == (slow["acc"], slow["acc_norm"])
     speedup = (n / fast_s) / (len(shared) / slow_s)
-    print(f"speed-up: {speedup:.1f}x; on the same {len(shared)} items the two paths {'agree' if agree else 'DISAGREE'}")
+    # equal in fp32; under bf16 the batch shape changes the rounding, and a near-tie may flip
+    print(
+        f"speed-up: {speedup:.1f}x; on the same {len(shared)} items the batched path gives "
+        f"acc {same['acc']:.4f} acc_norm {same['acc_norm']:.4f}"
+    )
     report = {
         "device": name, "model": args.model, "items": n, "items_one_at_a_time": len(shared), "dtype": args.dtype,
         "compile": args.compile, "batch_size": args.batch_size, "repeat": args.repeat,
         "batched_items_per_s": round(n / fast_s, 1), "batched_s": round(fast_s, 3),
         "one_at_a_time_items_per_s": round(len(shared) / slow_s, 1), "speedup": round(speedup, 2),
-        "accuracies_agree": agree,
+        "shared_items_acc": {"one_at_a_time": [slow["acc"], slow["acc_norm"]], "batched": [same["acc"], same["acc_norm"]]},
     }  # fmt: skip
     print(json.dumps(report))
     return 0

@@ -389,3 +389,15 @@ def test_command_line_reports_bad_data_without_a_traceback(tmp_path, capsys, hf_
     bad.write_text('{"ctx": "A", "endings": ["a", "b", "c", "d"], "label": 1}\nnot json\n')
     assert hellaswag.main(["--model_type", str(hf_gpt2_dir), "--device", "cpu", "--data-file", str(bad)]) == 1
     assert f"{bad}:2: not a JSON object" in capsys.readouterr().err
+
+
+def test_benchmark_times_both_paths_and_they_agree_in_fp32(data_file, capsys):
+    import bench_hellaswag
+
+    argv = ["--device", "cpu", "--model", "tiny", "--data-file", str(data_file), "--limit", "6"]
+    assert bench_hellaswag.main([*argv, "--slow-limit", "3", "--warmup", "2", "--repeat", "1"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (report["items"], report["items_one_at_a_time"], report["dtype"]) == (6, 3, "float32")
+    assert report["batched_items_per_s"] > 0 and report["one_at_a_time_items_per_s"] > 0
+    shared = report["shared_items_acc"]
+    assert shared["batched"] == shared["one_at_a_time"]
