@@ -376,6 +376,20 @@ class MetricsLog:
         ckpt_lib.write_text_atomic(self.path, "".join(k + "\n" for k in kept))
         self.file = open(self.path, "a")
 
+    def logged_types(self, step: int) -> set[str]:
+        """The types of the events logged at `step` ("eval", "hellaswag", ...); empty off rank 0."""
+        if not self.enabled or not self.path.exists():
+            return set()
+        types = set()
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a line cut short by a crash
+            if isinstance(record, dict) and record.get("step") == step:
+                types.add(record.get("type"))
+        return types
+
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
@@ -987,6 +1001,13 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> int:
     if start_step < cfg.max_steps:
         save(cfg.max_steps)
         evaluate(cfg.max_steps, bool(cfg.eval_every), bool(cfg.hellaswag_every))
+    else:
+        # Finished before. A run stopped between its final checkpoint and the final evaluation
+        # evaluates now; rank 0 reads the log, and every rank joins the evaluation's collectives.
+        logged = metrics.logged_types(cfg.max_steps)
+        val_missing = d.any(d.master and bool(cfg.eval_every) and "eval" not in logged)
+        hellaswag_missing = d.any(d.master and bool(cfg.hellaswag_every) and "hellaswag" not in logged)
+        evaluate(cfg.max_steps, val_missing, hellaswag_missing)
     if d.master:
         for text in sample_texts(raw_model, tokenizer, cfg, device, cfg.seed, amp):
             print0(f"sample: {text!r}")

@@ -440,6 +440,21 @@ def test_final_evaluation_is_of_the_final_weights(tiny_data, tmp_path):
     assert sorted(r["step"] for r in read_metrics(run) if r["type"] == "eval") == [0, 3, 4]
 
 
+def test_run_stopped_before_its_final_evaluation_does_it_when_run_again(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    command = flags(tiny_data, run, steps=4, every=0, extra=["--eval-every", "3"])
+    assert train.main(command) == 0
+    final = [r for r in read_metrics(run) if r["type"] == "eval" and r["step"] == 4]
+    # as if killed after the final checkpoint, before the final evaluation was logged
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("".join(x + "\n" for x in lines if json.loads(x) not in final))
+    assert [r["step"] for r in read_metrics(run) if r["type"] == "eval"] == [0, 3]
+    assert train.main(command) == 0
+    evals = [r for r in read_metrics(run) if r["type"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 3, 4]
+    assert evals[-1]["val_loss"] == pytest.approx(final[0]["val_loss"], rel=1e-6)
+
+
 def test_init_from_checkpoint_takes_this_runs_dropout(tiny_data, tmp_path):
     src = tmp_path / "src"
     assert train.main(flags(tiny_data, src, steps=2, every=0)) == 0
