@@ -94,7 +94,8 @@ def test_bad_chunk_size_is_rejected():
 @requires_gpu
 def test_bf16_on_gpu_loses_no_more_than_the_plain_path():
     # Full GPT-2 width of vocabulary; random unit-variance inputs give logits of size ~16, where
-    # bf16 rounding alone costs both paths about 2.3% (seen on an H200 and on a CPU alike).
+    # bf16 rounding alone costs both paths about 2.3-2.4% (on a CPU; an H200 gave the fused
+    # path's x-gradient the same 2.33%).
     fused, plain = relative_errors("cuda", 1000, n=4096, c=256, padded=50304, vocab=50257)
     for f, p in zip(fused, plain):
         assert f <= 1.05 * p + 1e-3
