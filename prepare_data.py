@@ -585,15 +585,8 @@ def finish_dataset(
 
 
 def _our_files(out: Path) -> list[Path]:
-    names = re.compile(
-        r"((train|val)_\d{6}\.npy|"
-        + re.escape(META_NAME)
-        + "|"
-        + re.escape(MARKER_NAME)
-        + "|"
-        + re.escape(STAGE_NAME)
-        + r")(\.tmp)?"
-    )
+    ours = [r"(train|val)_\d{6}\.npy", *(re.escape(name) for name in (META_NAME, MARKER_NAME, STAGE_NAME))]
+    names = re.compile(f"({'|'.join(ours)})(\\.tmp)?")
     return [p for p in out.iterdir() if names.fullmatch(p.name)] if out.is_dir() else []
 
 

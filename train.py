@@ -27,6 +27,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -360,19 +361,22 @@ class MetricsLog:
         self.path, self.enabled, self.wandb_run = path, enabled, wandb_run
         self.file = open(path, "a") if enabled else None
 
+    def _lines(self) -> Iterator[tuple[str, dict]]:
+        """(line, record) for each whole record in the file; a line cut short by a crash is skipped."""
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                yield line, record
+
     def truncate_from(self, step: int) -> None:
         """Drop events of steps >= step: they were logged after the checkpoint we resume from."""
         if not self.enabled or not self.path.exists():
             return
         self.file.close()
-        kept = []
-        for line in self.path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue  # a line cut short by the crash
-            if record.get("step") is None or record["step"] < step:
-                kept.append(line)
+        kept = [line for line, record in self._lines() if record.get("step") is None or record["step"] < step]
         ckpt_lib.write_text_atomic(self.path, "".join(k + "\n" for k in kept))
         self.file = open(self.path, "a")
 
@@ -380,15 +384,7 @@ class MetricsLog:
         """The types of the events logged at `step` ("eval", "hellaswag", ...); empty off rank 0."""
         if not self.enabled or not self.path.exists():
             return set()
-        types = set()
-        for line in self.path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue  # a line cut short by a crash
-            if isinstance(record, dict) and record.get("step") == step:
-                types.add(record.get("type"))
-        return types
+        return {record.get("type") for _, record in self._lines() if record.get("step") == step}
 
     def log(self, record: dict) -> None:
         if not self.enabled:
