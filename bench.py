@@ -2,6 +2,7 @@
 
     python bench.py --model gpt2 --batch-size 16 32 --seq-len 1024       # one GPU, bf16, compiled
     python bench.py --model gpt2-xl --batch-size 8 --activation-checkpointing 1
+    python bench.py --model gpt2 --batch-size 64 --grad-accum 8           # a 524,288-token optimizer step
     python bench.py --model tiny --device cpu --no-compile --steps 5     # checks the script on a CPU
 
 The speed flags are train.py's (--compile-mode, --compile-scope, --attention,
@@ -10,7 +11,9 @@ from a training run.
 
 It times the same step train.py runs (forward and backward under autocast, gradient
 clipping, fused AdamW) on random tokens, so the figures isolate the model and optimizer from
-data loading. Warm-up steps, which include compilation, are timed apart; the reported
+data loading. A step is one optimizer step: --grad-accum micro-batches of forward and
+backward, then clipping and AdamW, as train.py takes for --total-batch-size = batch-size *
+seq-len * grad-accum; the optimizer's cost is spread over that many micro-batches. Warm-up steps, which include compilation, are timed apart; the reported
 figures are the median over the timed steps, with the device synchronised around each.
 MFU is the model's FLOPs per second over the GPU's dense bf16 peak, whatever --dtype is.
 Each configuration is compiled afresh, as a training run would compile it: sharing torch.compile's
@@ -59,6 +62,12 @@ def build_model(
     model.activation_checkpointing = activation_checkpointing
     model.fused_loss = fused_loss
     return model
+
+
+def coordinate_descent_tuning() -> bool:
+    import torch._inductor.config  # (imported only where something is compiled)
+
+    return torch._inductor.config.coordinate_descent_tuning
 
 
 def dtype_name(amp: torch.dtype | None) -> str:
@@ -194,6 +203,8 @@ def activation_memory(
 def describe(result: dict, variant: str) -> str:
     """One table row."""
     head = f"{result['model']:12s} B={result['batch_size']:3d} T={result['seq_len']}"
+    if result.get("grad_accum", 1) > 1:
+        head += f" x{result['grad_accum']}"
     if "error" in result:
         return f"{head} {variant}: out of memory"
     mfu = f"{100 * result['mfu']:.1f}%" if result["mfu"] is not None else "-"
@@ -209,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", nargs="+", default=["gpt2"], choices=list(PRESETS), help="presets to time")
     parser.add_argument("--batch-size", nargs="+", type=int, default=[16], help="micro-batch sizes to time")
     parser.add_argument("--seq-len", type=int, help="tokens per sequence (default: the preset's block size)")
+    parser.add_argument(
+        "--grad-accum", type=int, default=1, metavar="N", help="micro-batches per optimizer step (gradient accumulation)"
+    )
     parser.add_argument("--steps", type=int, default=20, help="timed steps (the median is reported)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
@@ -245,8 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", action="store_true", help="one JSON object per configuration instead of a table")
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.warmup < 1:
-        parser.error("--steps and --warmup must be >= 1")
+    if args.steps < 1 or args.warmup < 1 or args.grad_accum < 1:
+        parser.error("--steps, --warmup and --grad-accum must be >= 1")
     if args.activation_checkpointing < 0 or args.pad_vocab < 1:
         parser.error("--activation-checkpointing must be >= 0 and --pad-vocab >= 1")
     device = torch.device(args.device)
@@ -268,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
             "fused-loss" if args.fused_loss else "",
             f"pad-vocab={args.pad_vocab}" if args.pad_vocab != 64 else "",
             "" if args.fused_adamw else "adamw=foreach",
+            # set through TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1: tunes the generated kernels' launch
+            # configurations at compile time
+            "coordinate-descent" if use_compile and coordinate_descent_tuning() else "",
         )
         if part
     )
@@ -309,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
                         device,
                         args.dtype,
                         use_compile,
+                        grad_accum=args.grad_accum,
                         compile_mode=args.compile_mode,
                         compile_scope=args.compile_scope,
                         attention=args.attention,
@@ -321,7 +339,13 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"error: {e}", file=sys.stderr)
                     return 2
                 except torch.OutOfMemoryError:
-                    result = {"model": preset, "batch_size": batch_size, "seq_len": seq_len(preset), "error": "OOM"}
+                    result = {
+                        "model": preset,
+                        "batch_size": batch_size,
+                        "seq_len": seq_len(preset),
+                        "grad_accum": args.grad_accum,
+                        "error": "OOM",
+                    }
                     torch.cuda.empty_cache()
                 row = {**result, "variant": variant}
                 print(json.dumps(row) if args.json else describe(result, variant), flush=True)

@@ -11,20 +11,27 @@
 # from nothing and reused its kernels in later items), guesses where an item did not run. With
 # BUDGET_S set, an item starts only if its estimate fits in what is left, and a command still
 # running when the budget is spent is stopped, so the closing tables are always printed. The
-# order puts first what the last run did not measure, after the headline and the loop overhead.
-ORDER=(env gpt2 overhead xl tests gpt2-combined xl-batch hellaswag gpt2-blocks modes
-    gpt2-fused attention gpt2-batch xl-ac variants)
+# order puts first the headline figures (the training steps of the README's runs), then the
+# loop's overhead and the GPU tests, then what earlier runs did not measure.
+ORDER=(env gpt2-step xl-step gpt2 overhead tests gpt2-step-cd xl-batch hellaswag gpt2-accum modes
+    gpt2-blocks xl gpt2-combined gpt2-fused attention gpt2-batch xl-ac variants)
 declare -A ESTIMATE_S=(
     [env]=10            # the GPU, the driver, torch and CUDA versions (took 6 s)
-    [gpt2]=70           # 124M at micro-batch 32: the headline tokens/s, MFU, memory, compile time (52 s)
+    # the training step of the README's runs: 524,288 tokens per optimizer step (GPT-2's batch),
+    # as gradient accumulation over micro-batches, so the optimizer's cost is spread over them
+    [gpt2-step]=75      # 124M, 8 micro-batches of 64, cuDNN attention
+    [xl-step]=90        # 1.5B, 8 micro-batches of 8, compiled block by block
+    [gpt2]=70           # 124M at micro-batch 32, one micro-batch per step: train.py's GPU defaults (52 s)
     [overhead]=60       # train.py against bench.py at the gpt2 item's shape: the loop's share (30 s)
-    [xl]=75             # 1.5B at micro-batch 8, block by block: does it fit, at what MFU (55 s)
     [tests]=90          # pytest -m gpu: bf16, compiled runs, the options' loss curves (62 s)
-    [gpt2-combined]=70  # 124M at micro-batch 64 with cuDNN attention (each measured fastest) and the fused loss (memory)
-    [xl-batch]=80       # 1.5B at micro-batch 16, block by block, fused loss, no checkpointing
+    [gpt2-step-cd]=150  # gpt2-step with TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 (longer compile)
+    [xl-batch]=90       # 1.5B, 4 micro-batches of 16, block by block, no checkpointing
     [hellaswag]=150     # all 10,042 items batched, the first 1,000 one at a time
-    [gpt2-blocks]=60    # the gpt2 item compiled block by block (--compile-scope blocks)
+    [gpt2-accum]=70     # gpt2-step with SDPA's own choice of attention kernel
     [modes]=300         # torch.compile max-autotune-no-cudagraphs and reduce-overhead
+    [gpt2-blocks]=60    # the gpt2 item compiled block by block (--compile-scope blocks)
+    [xl]=75             # 1.5B at micro-batch 8, one micro-batch per step, block by block (55 s)
+    [gpt2-combined]=70  # 124M at micro-batch 64, one micro-batch per step, cuDNN attention, fused loss
     [gpt2-fused]=70     # the gpt2 item with the fused output layer and loss (54 s)
     [attention]=90      # SDPA restricted to cuDNN, then to flash (49 s, compiled kernels cached)
     [gpt2-batch]=90     # 124M at micro-batch 16 and 64 (64 s)
@@ -145,7 +152,12 @@ item_attention() {
     bench "${GPT2[@]}" --attention flash
 }
 item_gpt2-combined() { bench --model "$MODEL" --batch-size 64 --steps 20 --warmup 5 --attention cudnn --fused-loss; }
-item_xl-batch() { bench --model "$XL" --batch-size 16 --steps 8 --warmup 3 --compile-scope blocks --fused-loss; }
+item_xl-batch() { bench --model "$XL" --batch-size 16 --grad-accum 4 --steps 5 --warmup 2 --compile-scope blocks; }
+GPT2_STEP=(--model "$MODEL" --batch-size 64 --grad-accum 8 --steps 10 --warmup 3)
+item_gpt2-step() { bench "${GPT2_STEP[@]}" --attention cudnn; }
+item_gpt2-step-cd() { TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 bench "${GPT2_STEP[@]}" --attention cudnn; }
+item_gpt2-accum() { bench "${GPT2_STEP[@]}"; }
+item_xl-step() { bench --model "$XL" --batch-size 8 --grad-accum 8 --steps 5 --warmup 2 --compile-scope blocks; }
 item_xl-ac() {
     bench --model "$XL" --batch-size 16 --steps 8 --warmup 3 --compile-scope blocks --activation-checkpointing 1 --fused-loss
 }
@@ -192,10 +204,11 @@ data_ms = statistics.median(r["data_ms"] for r in steps)
 
 def like_train_py(r: dict) -> bool:
     """bench.py's row for the configuration train.py ran: its defaults at the same shape."""
-    same_shape = (r.get("model"), r.get("batch_size"), r.get("seq_len")) == (model, batch, seq)
+    same_shape = (r.get("model"), r.get("batch_size"), r.get("seq_len"), r.get("grad_accum", 1)) == (model, batch, seq, 1)
     defaults = r.get("attention") == "auto" and r.get("activation_checkpointing") == 0 and r.get("pad_vocab") == 64
     defaults = defaults and r.get("fused_adamw") and r.get("compile") in ("default", False)
     defaults = defaults and r.get("compile_scope") in ("model", None) and r.get("fused_loss") == (r["device"] == "cpu")
+    defaults = defaults and "coordinate-descent" not in r.get("variant", "")
     return same_shape and defaults and "step_ms" in r
 
 

@@ -34,6 +34,42 @@ def test_json_rows_carry_the_figures_and_the_variant(capsys, tmp_path):
         assert row["mfu"] is None and row["peak_mem_gib"] is None  # no GPU: no peak FLOP/s, no CUDA memory
 
 
+def test_a_step_accumulates_grad_accum_micro_batches_before_one_optimizer_step(monkeypatch, capsys):
+    calls = {"forward": 0, "optimizer": 0}
+
+    def count(name: str):
+        return lambda *_: calls.__setitem__(name, calls[name] + 1)
+
+    real_build = bench.build_model
+
+    def counting_build(*args, **kwargs):
+        model = real_build(*args, **kwargs)
+        model.register_forward_hook(count("forward"))
+        real_configure = model.configure_optimizers
+
+        def configure(*args, **kwargs):
+            optimizer = real_configure(*args, **kwargs)
+            optimizer.register_step_post_hook(count("optimizer"))
+            return optimizer
+
+        model.configure_optimizers = configure
+        return model
+
+    monkeypatch.setattr(bench, "build_model", counting_build)
+    assert bench.main([*SMALL, "--no-compile", "--grad-accum", "3", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert calls == {"forward": 3 * 3, "optimizer": 3}  # three steps: the first (warm-up 1) and two timed
+    assert row["grad_accum"] == 3
+    # tokens/s counts every micro-batch of the step
+    assert row["tokens_per_sec"] == pytest.approx(3 * 2 * 32 / (row["step_ms"] / 1000), rel=0.01, abs=1)
+
+
+def test_grad_accum_below_one_is_refused():
+    with pytest.raises(SystemExit) as exc:
+        bench.main([*SMALL, "--no-compile", "--grad-accum", "0"])
+    assert exc.value.code == 2
+
+
 def test_table_row_names_the_configuration(capsys):
     assert bench.main([*SMALL, "--no-compile"]) == 0
     out = capsys.readouterr().out
