@@ -221,7 +221,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", nargs="+", type=int, default=[16], help="micro-batch sizes to time")
     parser.add_argument("--seq-len", type=int, help="tokens per sequence (default: the preset's block size)")
     parser.add_argument(
-        "--grad-accum", type=int, default=1, metavar="N", help="micro-batches per optimizer step (gradient accumulation)"
+        "--grad-accum",
+        type=int,
+        default=1,
+        metavar="N",
+        help="micro-batches per optimizer step (gradient accumulation)",
     )
     parser.add_argument("--steps", type=int, default=20, help="timed steps (the median is reported)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
