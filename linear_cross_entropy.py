@@ -30,7 +30,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         with torch.autocast(device_type, enabled=False):
             w = weight.to(compute_dtype)
             valid = targets != -1  # -1 marks positions that do not count, as ignore_index=-1 does
-            safe_targets = targets.clamp(min=0)
+            # ignored rows gather column 0 and are masked out; any other id outside the vocabulary
+            # stays out of range, so indexing fails as it does in F.cross_entropy
+            safe_targets = torch.where(valid, targets, 0)
             loss_sum = torch.zeros((), device=x.device, dtype=acc_dtype)
             grad_x = torch.empty_like(x)
             grad_w = torch.zeros(weight.shape, device=weight.device, dtype=acc_dtype)

@@ -85,6 +85,16 @@ def test_full_logits_are_never_saved_for_backward():
     assert largest_saved(lambda: linear_cross_entropy(x, w, targets, vocab, 16)) <= w.numel()
 
 
+@pytest.mark.parametrize("bad_target", [-2, 72])
+def test_target_outside_the_vocabulary_is_an_error_as_in_plain_cross_entropy(bad_target):
+    x, w, targets, vocab = inputs()
+    targets[3] = bad_target  # neither a token id nor the ignore marker -1
+    with pytest.raises((IndexError, RuntimeError)):
+        plain_loss(x, w, targets, vocab)
+    with pytest.raises((IndexError, RuntimeError)):
+        linear_cross_entropy(x, w, targets, vocab, 8)
+
+
 def test_bad_chunk_size_is_rejected():
     x, w, targets, vocab = inputs()
     with pytest.raises(ValueError, match="chunk_rows"):
