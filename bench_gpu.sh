@@ -13,19 +13,19 @@
 # running when the budget is spent is stopped, so the closing tables are always printed. The
 # order puts first the headline figures (the training steps of the README's runs), then the
 # loop's overhead and the GPU tests, then what earlier runs did not measure.
-ORDER=(env gpt2-step xl-step gpt2 overhead tests gpt2-step-cd xl-batch hellaswag gpt2-accum modes
+ORDER=(env gpt2-step xl-batch gpt2 overhead tests gpt2-step-cd xl-step hellaswag gpt2-accum modes
     gpt2-blocks xl gpt2-combined gpt2-fused attention gpt2-batch xl-ac variants)
 declare -A ESTIMATE_S=(
     [env]=10            # the GPU, the driver, torch and CUDA versions (took 6 s)
-    # the training step of the README's runs: 524,288 tokens per optimizer step (GPT-2's batch),
-    # as gradient accumulation over micro-batches, so the optimizer's cost is spread over them
-    [gpt2-step]=75      # 124M, 8 micro-batches of 64, cuDNN attention
-    [xl-step]=90        # 1.5B, 8 micro-batches of 8, compiled block by block
+    # training steps as the README's runs take them: several micro-batches of gradient
+    # accumulation per optimizer step, which spreads the optimizer's cost over them
+    [gpt2-step]=75      # 124M, 8 micro-batches of 64: 524,288 tokens (GPT-2's batch), cuDNN attention
+    [xl-batch]=90       # 1.5B, 4 micro-batches of 16 (65,536 tokens), block by block, no checkpointing
     [gpt2]=70           # 124M at micro-batch 32, one micro-batch per step: train.py's GPU defaults (52 s)
     [overhead]=60       # train.py against bench.py at the gpt2 item's shape: the loop's share (30 s)
     [tests]=90          # pytest -m gpu: bf16, compiled runs, the options' loss curves (62 s)
     [gpt2-step-cd]=150  # gpt2-step with TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 (longer compile)
-    [xl-batch]=90       # 1.5B, 4 micro-batches of 16, block by block, no checkpointing
+    [xl-step]=90        # 1.5B, 8 micro-batches of 8 (less memory than xl-batch), block by block
     [hellaswag]=150     # all 10,042 items batched, the first 1,000 one at a time
     [gpt2-accum]=70     # gpt2-step with SDPA's own choice of attention kernel
     [modes]=300         # torch.compile max-autotune-no-cudagraphs and reduce-overhead
