@@ -13,8 +13,9 @@ It times the same step train.py runs (forward and backward under autocast, gradi
 clipping, fused AdamW) on random tokens, so the figures isolate the model and optimizer from
 data loading. A step is one optimizer step: --grad-accum micro-batches of forward and
 backward, then clipping and AdamW, as train.py takes for --total-batch-size = batch-size *
-seq-len * grad-accum; the optimizer's cost is spread over that many micro-batches. Warm-up steps, which include compilation, are timed apart; the reported
-figures are the median over the timed steps, with the device synchronised around each.
+seq-len * grad-accum; the optimizer's cost is spread over that many micro-batches. Warm-up
+steps, which include compilation, are timed apart; the reported figures are the median over
+the timed steps, with the device synchronised around each.
 MFU is the model's FLOPs per second over the GPU's dense bf16 peak, whatever --dtype is.
 Each configuration is compiled afresh, as a training run would compile it: sharing torch.compile's
 cache between batch sizes made the batch dimension dynamic from the second one on.

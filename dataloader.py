@@ -201,9 +201,9 @@ def _open_own_split(data_dir: Path, split: str, meta: dict) -> list[tuple[str, n
 class PinnedStaging:
     """Host-to-GPU copies through page-locked buffers allocated once and used in turn.
 
-    The loader used to pin a fresh buffer for each batch (`tensor.pin_memory()`), which goes
-    to the pinned-memory allocator, and through it possibly to cudaHostAlloc, on every call;
-    on an H200 train.py's `data_ms` was then 3.5-7.1 ms a step, 7% of a 124M step. Here a batch
+    Pinning a fresh buffer for each batch (`tensor.pin_memory()`) goes to the pinned-memory
+    allocator, and through it possibly to cudaHostAlloc, on every call; on an H200 that made
+    train.py's `data_ms` 3.5-7.1 ms a step, 7% of a 124M step (BENCHMARKS.md). Here a batch
     costs one host memcpy, one asynchronous copy and one CUDA event. A buffer is refilled
     only after the event of its previous copy has completed, so a batch still queued on the
     GPU is never overwritten. With one buffer per micro-step of an optimizer step, plus one,
