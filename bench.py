@@ -32,19 +32,15 @@ import time
 
 import torch
 
-from model import GPT, PRESETS, config_from_preset
-from train import (
+from model import COMPILE_MODES, COMPILE_SCOPES, GPT, PRESETS, compile_model, config_from_preset
+from runtime import (
     ATTENTION_BACKENDS,
-    COMPILE_MODES,
-    COMPILE_SCOPES,
     ConfigError,
     attention_context,
     autocast_context,
     autocast_dtype,
     check_attention_backend,
-    compile_model,
     peak_flops,
-    resolve_fused_loss,
 )
 
 
@@ -100,7 +96,9 @@ def bench_one(
     model = build_model(preset, device, pad_vocab, activation_checkpointing, fused_loss)
     optimizer = model.configure_optimizers(0.1, 6e-4, device_type=device.type, fused=fused_adamw)
     amp = autocast_dtype(dtype, device)
-    check_attention_backend(attention, device, amp, model.config)
+    check_attention_backend(
+        attention, device, amp, model.config.n_head, model.config.n_embd // model.config.n_head, model.config.dropout
+    )
     step_model = compile_model(model, compile_mode, compile_scope) if use_compile else model
     x = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), device=device)
     y = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), device=device)
@@ -249,8 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--fused-loss",
         action=argparse.BooleanOptionalAction,
-        default=None,
-        help="chunked output layer + cross-entropy (default: train.py's, on for CPU only)",
+        default=True,
+        help="chunked output layer + cross-entropy, as train.py by default (--no-fused-loss: the plain loss)",
     )
     parser.add_argument("--pad-vocab", type=int, default=64, help="round the vocabulary up to a multiple of this")
     parser.add_argument(
@@ -269,7 +267,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.activation_checkpointing < 0 or args.pad_vocab < 1:
         parser.error("--activation-checkpointing must be >= 0 and --pad-vocab >= 1")
     device = torch.device(args.device)
-    args.fused_loss = resolve_fused_loss(args.fused_loss, device)
     use_compile = args.compile if args.compile is not None else device.type == "cuda"
     if args.compile_mode != "default" and not use_compile:
         parser.error(f"--compile-mode {args.compile_mode} needs --compile")

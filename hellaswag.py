@@ -37,6 +37,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from runtime import setup_distributed, teardown_distributed
+
 if TYPE_CHECKING:
     from model import GPTConfig
     from tokenizer import Tokenizer
@@ -435,8 +437,6 @@ def _load_model(args: argparse.Namespace, device: torch.device) -> torch.nn.Modu
 
 def run(argv: list[str] | None = None) -> dict:
     """The command line's work: evaluate and print; returns acc, acc_norm, num_examples."""
-    from train import setup_distributed, teardown_distributed
-
     args = parse_args(argv)
     d, device = setup_distributed(args.device, timeout_min=30.0)
     rank, world_size = d.rank, d.world_size

@@ -397,6 +397,34 @@ class GPT(nn.Module):
         return out
 
 
+# ---- compiling ----
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE_SCOPES = ("model", "blocks")
+
+
+def compile_model(model: GPT, mode: str = "default", scope: str = "model") -> nn.Module:
+    """The module to train with. Scope model: one graph for the whole forward pass, a wrapper
+    around the module. Scope blocks: each transformer block and the output half
+    (GPT.logits_and_loss) are compiled in place and the module itself is returned. The blocks are
+    alike, so after the first one they reuse its compiled code, and compile time grows far less
+    with depth; what it gives up is fusion across block boundaries (a residual add with the next
+    LayerNorm)."""
+    options = {"mode": None if mode == "default" else mode}
+    if scope == "model":
+        return torch.compile(model, **options)
+    for block in model.transformer.h:
+        block.compile(**options)
+    model.logits_and_loss = torch.compile(model.logits_and_loss, **options)
+    return model
+
+
+def uncompiled():
+    """Runs compiled code eagerly inside it: generation grows the sequence by one token per call,
+    and would otherwise recompile the blocks that scope blocks compiled in place."""
+    return torch.compiler.set_stance("force_eager")
+
+
 def _check_hf_config(hc, name: str) -> None:
     """Refuse Hugging Face GPT-2 variants this model does not implement, which would otherwise
     load without error and compute something else."""

@@ -40,10 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.num_samples < 1 or args.max_new_tokens < 0 or args.top_k < 0 or args.temperature < 0:
         parser.error("--num-samples must be >= 1; --max-new-tokens, --top-k and --temperature >= 0")
 
+    from runtime import resolve_device
     from tokenizer import get_tokenizer
-    from train import best_device
 
-    device = torch.device(best_device() if args.device == "auto" else args.device)
+    device = resolve_device(args.device)
     model = load_for_sampling(args.init_from, device).eval()
     tok = get_tokenizer(args.tokenizer)
     if tok.vocab_size > model.config.vocab_size:

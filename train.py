@@ -35,26 +35,27 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.nn import functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import checkpoint as ckpt_lib
 from dataloader import DataError, ShardedDataLoader, read_meta
-from model import GPT, PRESETS, GPTConfig, config_from_preset
+from model import COMPILE_MODES, COMPILE_SCOPES, GPT, PRESETS, compile_model, config_from_preset, uncompiled
 from prepare_data import DataPrepError
+from runtime import (
+    ATTENTION_BACKENDS,
+    ConfigError,
+    Dist,
+    attention_context,
+    autocast_context,
+    autocast_dtype,
+    check_attention_backend,
+    peak_flops,
+    setup_distributed,
+    teardown_distributed,
+)
 from tokenizer import TokenizerError, get_tokenizer
 
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_NONFINITE, EXIT_PREEMPTED = 0, 1, 2, 3, 75
 DEFAULT_CORPUS = "tinyshakespeare"
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-COMPILE_SCOPES = ("model", "blocks")
-ATTENTION_BACKENDS = {
-    "flash": SDPBackend.FLASH_ATTENTION,
-    "cudnn": SDPBackend.CUDNN_ATTENTION,
-    "efficient": SDPBackend.EFFICIENT_ATTENTION,
-    "math": SDPBackend.MATH,
-}
-
 # ---- configuration ----
 
 
@@ -121,10 +122,10 @@ class TrainConfig:
         "recompute every Nth block's activations in the backward pass instead of storing them (1: all; 0: off)",
         metavar="N",
     )
-    fused_loss: bool | None = _flag(
-        None,
-        "output layer and cross-entropy a chunk of positions at a time (less memory); "
-        "default: on for CPU, where it is faster, off elsewhere",
+    fused_loss: bool = _flag(
+        True,
+        "output layer and cross-entropy a chunk of positions at a time, never holding all the logits "
+        "(--no-fused-loss: the plain F.cross_entropy path)",
     )
     device: str = _flag("auto", "cuda, mps, cpu, or auto (the best present)")
     seed: int = _flag(1337, "random seed (model init, data shuffle, dropout, sampling)")
@@ -199,10 +200,6 @@ class TrainConfig:
             raise ConfigError("\n".join(errors))
 
 
-class ConfigError(ValueError):
-    """A flag or a combination of flags that cannot work; the message says which."""
-
-
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """The module docstring as written, and each flag's default after its help (where it has
     one the help does not already spell out)."""
@@ -236,110 +233,6 @@ def parse_config(argv: list[str] | None) -> tuple[TrainConfig, argparse.Namespac
     args = build_parser().parse_args(argv)
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
     return TrainConfig(**values), args
-
-
-# ---- processes and devices ----
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def master(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.enabled:
-            dist.barrier()
-
-    def any(self, flag: bool) -> bool:
-        """Whether flag is true on some rank; a collective, every rank calls it."""
-        if not self.enabled:
-            return flag
-        on_gpu = dist.get_backend() == "nccl"
-        count = torch.tensor([int(flag)], device=torch.cuda.current_device() if on_gpu else "cpu")
-        dist.all_reduce(count, op=dist.ReduceOp.SUM)
-        return count.item() > 0
-
-
-def best_device() -> str:
-    """CUDA, then MPS, then CPU."""
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
-def setup_distributed(device_arg: str, timeout_min: float) -> tuple[Dist, torch.device]:
-    """Ranks from torchrun's environment (a single process without it); the device to use."""
-    d = Dist(int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
-    device_arg = best_device() if device_arg == "auto" else device_arg
-    if device_arg.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError("--device cuda, but torch sees no CUDA GPU")
-        device = torch.device(f"cuda:{d.local_rank}" if device_arg == "cuda" else device_arg)
-        torch.cuda.set_device(device)
-        # what stays in fp32 outside autocast (optimizer maths, fp32 runs) may use TF32 tensor cores
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    else:
-        device = torch.device(device_arg)
-    if d.enabled:
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(
-            backend=backend,
-            timeout=datetime.timedelta(minutes=timeout_min),
-            **({"device_id": device} if backend == "nccl" else {}),
-        )
-    return d, device
-
-
-def teardown_distributed() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-# Peak dense bf16 tensor-core FLOP/s, for MFU; devices not listed get no MFU.
-PEAK_BF16_FLOPS = {
-    "H200": 989e12,
-    "H100 SXM": 989e12,
-    "H100 80GB HBM3": 989e12,
-    "H100 PCIe": 756e12,
-    "H100 NVL": 835e12,
-    "A100": 312e12,
-    "L40S": 362e12,
-    "A10G": 70e12,
-}
-
-
-def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, value in PEAK_BF16_FLOPS.items():
-        if key in name:
-            return value
-    return None
-
-
-def autocast_dtype(cfg_dtype: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for plain fp32."""
-    if cfg_dtype == "auto":
-        # (without emulation: pre-Ampere GPUs would run bf16 emulated, slower than fp32)
-        if device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False):
-            return torch.bfloat16
-        return None  # CPU and MPS: fp32 is the safe and usually the faster default
-    if cfg_dtype == "fp16" and device.type != "cuda":
-        raise ConfigError("--dtype fp16 needs CUDA (it relies on a CUDA grad scaler); use bf16 or fp32")
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[cfg_dtype]
 
 
 # ---- schedule, metrics, signals ----
@@ -466,64 +359,6 @@ def evaluate_val_loss(
         dist.all_reduce(total, op=dist.ReduceOp.SUM)
     model.train()
     return (total[0] / total[1]).item()
-
-
-def autocast_context(device: torch.device, amp: torch.dtype | None):
-    return torch.autocast(device_type=device.type, dtype=amp) if amp is not None else nullcontext()
-
-
-def attention_context(name: str):
-    """Restricts scaled_dot_product_attention to one kernel for the whole run (compilation
-    included, which reads the same switches); auto leaves PyTorch's choice alone."""
-    return nullcontext() if name == "auto" else sdpa_kernel([ATTENTION_BACKENDS[name]])
-
-
-def check_attention_backend(name: str, device: torch.device, amp: torch.dtype | None, config: GPTConfig) -> None:
-    """Run the chosen kernel once, forward and backward, at the model's head size, dtype and
-    dropout, so that a kernel this device or build lacks is a clear error before any training."""
-    if name == "auto":
-        return
-    dtype = amp or torch.float32
-    head_dim = config.n_embd // config.n_head
-    q = torch.randn(1, config.n_head, 64, head_dim, device=device, dtype=dtype, requires_grad=True)
-    try:
-        F.scaled_dot_product_attention(q, q, q, dropout_p=config.dropout, is_causal=True).sum().backward()
-    except RuntimeError as e:
-        reason = str(e).strip().splitlines()[0]
-        raise ConfigError(
-            f"--attention {name}: this kernel does not run on {device} in {str(dtype).replace('torch.', '')} "
-            f"with head size {head_dim}{f' and dropout {config.dropout}' if config.dropout else ''} ({reason}); "
-            "use --attention auto"
-        ) from e
-
-
-def resolve_fused_loss(flag: bool | None, device: torch.device) -> bool:
-    """The flag, or by default: on for CPU, where it made the default job's steps 24% faster;
-    off elsewhere: on an H200 it ran within 1% of the plain loss's speed (BENCHMARKS.md), and
-    is worth turning on where its memory saving is (7.5 GiB at 124M, micro-batch 32)."""
-    return flag if flag is not None else device.type == "cpu"
-
-
-def compile_model(model: GPT, mode: str, scope: str = "model") -> torch.nn.Module:
-    """The model to train with. Scope model: one graph for the whole forward pass, a wrapper
-    around the module. Scope blocks: each transformer block and the output half
-    (GPT.logits_and_loss) are compiled in place and the module itself is returned. The blocks are
-    alike, so after the first one they reuse its compiled code: compile time grows
-    far less with depth (4.9x less for 48 layers on a CPU, BENCHMARKS.md). What it gives up is
-    fusion across block boundaries (a residual add with the next LayerNorm)."""
-    options = {"mode": None if mode == "default" else mode}
-    if scope == "model":
-        return torch.compile(model, **options)
-    for block in model.transformer.h:
-        block.compile(**options)
-    model.logits_and_loss = torch.compile(model.logits_and_loss, **options)
-    return model
-
-
-def uncompiled():
-    """Runs compiled code eagerly inside it: generation grows the sequence by one token per call,
-    and would otherwise recompile the blocks that --compile-scope blocks compiled in place."""
-    return torch.compiler.set_stance("force_eager")
 
 
 @torch.no_grad()
@@ -667,8 +502,10 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> int:
             )
     model = build_model(cfg, vocab_size, print0).to(device)
     model.activation_checkpointing = cfg.activation_checkpointing
-    model.fused_loss = resolve_fused_loss(cfg.fused_loss, device)
-    check_attention_backend(cfg.attention, device, amp, model.config)
+    model.fused_loss = cfg.fused_loss
+    check_attention_backend(
+        cfg.attention, device, amp, model.config.n_head, model.config.n_embd // model.config.n_head, cfg.dropout
+    )
     seq_len = cfg.seq_len or model.config.block_size
     grad_accum = check_batch_arithmetic(cfg, seq_len, model.config.block_size, d)
     tokens_per_step = cfg.batch_size * seq_len * d.world_size * grad_accum

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+import model as model_lib
 import train
 from conftest import requires_gpu
 from runs import TINY, read_metrics, run_train, train_losses
@@ -143,10 +144,10 @@ def test_compile_scope_blocks_shares_one_block_graph_and_matches_eager(monkeypat
     monkeypatch.setattr(torch, "compile", lambda fn, mode=None, **kw: real_compile(fn, backend=counting_backend, **kw))
     torch._dynamo.reset()
     torch.manual_seed(0)
-    eager = train.GPT(train.config_from_preset("tiny", n_layer=3))
+    eager = model_lib.GPT(model_lib.config_from_preset("tiny", n_layer=3))
     eager.fused_loss, eager.activation_checkpointing = True, 1
     compiled = copy.deepcopy(eager)
-    assert train.compile_model(compiled, "default", "blocks") is compiled  # compiled in place
+    assert model_lib.compile_model(compiled, "default", "blocks") is compiled  # compiled in place
     idx = torch.randint(0, 50257, (2, 32))
     losses = []
     for model in (eager, compiled):
@@ -279,7 +280,7 @@ def test_memory_and_speed_options_keep_the_loss_curve_on_gpu(tiny_data, tmp_path
 
 
 @pytest.mark.parametrize("flags, fused", [([], True), (["--no-fused-loss"], False), (["--fused-loss"], True)])
-def test_fused_loss_is_the_cpu_default_and_can_be_turned_off(tiny_data, tmp_path, capsys, flags, fused):
+def test_fused_loss_is_the_default_and_can_be_turned_off(tiny_data, tmp_path, capsys, flags, fused):
     common = [*TINY, "--data", str(tiny_data), "--out", str(tmp_path / "run"), "--max-steps", "1", "--eval-every", "0"]
     assert train.main([*common, *flags]) == 0
     first_line = capsys.readouterr().out.splitlines()[0]
