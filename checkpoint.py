@@ -17,7 +17,6 @@ complete one, and the previous ones untouched. Loading uses safetensors and
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -30,7 +29,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from files import fsync_dir, fsync_file, sha256_file, write_text_atomic
 from model import GPT, GPTConfig
+from runtime import Dist
 
 FORMAT_VERSION = 1
 CKPT_DIR_RE = re.compile(r"^step_(\d{8})$")
@@ -38,45 +39,6 @@ CKPT_DIR_RE = re.compile(r"^step_(\d{8})$")
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written or is unusable; the message says which and why."""
-
-
-# ---- small file helpers ----
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems refuse fsync on directories; the rename is still atomic
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 # ---- what a checkpoint holds ----
@@ -185,7 +147,7 @@ def save_checkpoint(
     barrier()
     try:
         torch.save(capture_rng_state(), tmp / f"rng_rank{rank:05d}.pt")
-        _fsync_file(tmp / f"rng_rank{rank:05d}.pt")
+        fsync_file(tmp / f"rng_rank{rank:05d}.pt")
     except Exception as e:  # a full disk is a RuntimeError from torch.save, not an OSError
         failed = failed or e
     if any_rank(bool(failed)) and not failed:  # (a checkpoint missing a rank's RNG state is not published)
@@ -196,8 +158,8 @@ def save_checkpoint(
             torch.save(train_state, tmp / "train_state.pt")
             files = {}
             for p in sorted(tmp.iterdir()):
-                _fsync_file(p)
-                files[p.name] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+                fsync_file(p)
+                files[p.name] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
             full_meta = {
                 **meta,
                 "format_version": FORMAT_VERSION,
@@ -210,7 +172,7 @@ def save_checkpoint(
             if final.exists():  # a checkpoint of the same step from an earlier attempt
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            _fsync_dir(ckpt_root)
+            fsync_dir(ckpt_root)
             write_text_atomic(ckpt_root / "latest", final.name + "\n")
         except Exception as e:  # safetensors reports a full disk as a SafetensorError
             failed = e
@@ -272,7 +234,7 @@ def verify_checkpoint(path: Path) -> dict:
             raise CheckpointError(f"{f}: missing")
         if f.stat().st_size != info["bytes"]:
             raise CheckpointError(f"{f}: {f.stat().st_size} bytes, expected {info['bytes']} (truncated?)")
-        if _sha256(f) != info["sha256"]:
+        if sha256_file(f) != info["sha256"]:
             raise CheckpointError(f"{f}: sha256 does not match meta.json (corrupt)")
     return meta
 
@@ -342,3 +304,62 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dropout: fl
     model = GPT(config)
     load_model_weights(ckpt, model)
     return model.to(device)
+
+
+# ---- the training loop's checkpointer ----
+
+
+class Checkpointer:
+    """What train.py needs of checkpoints: whether a save is due, saving and pruning, and
+    resuming. Every rank calls every method; rank 0 alone writes, prunes and prints."""
+
+    def __init__(self, run_dir: Path, every: int, keep_last: int, keep_every: int, d: Dist, warn=print):
+        self.run_dir, self.every, self.keep_last, self.keep_every = Path(run_dir), every, keep_last, keep_every
+        self.d, self.warn = d, warn
+
+    def due(self, step: int) -> bool:
+        return self.every > 0 and step % self.every == 0
+
+    def save(self, step: int, model: torch.nn.Module, train_state: dict, meta: dict) -> Path:
+        """The checkpoint of the state before `step`; raises CheckpointError on every rank alike."""
+        d = self.d
+        path = save_checkpoint(self.run_dir, step, model, train_state, meta, d.rank, d.world_size, d.barrier, d.any)
+        if d.master:
+            prune_checkpoints(self.run_dir, self.keep_last, self.keep_every, step)
+            print(f"saved checkpoint {path}", flush=True)
+        return path
+
+    def find(self, resume: str) -> Checkpoint | None:
+        """The checkpoint `--resume` names (auto: the newest usable one here; never: none). With
+        an explicit choice, later checkpoints of another run in this directory are an error:
+        resuming and pruning go by step number, so they would be taken for this run's newest."""
+        if resume == "auto":
+            return find_checkpoint(self.run_dir, warn=self.warn)
+        found = None if resume == "never" else resolve_checkpoint(resume, warn=self.warn)
+        first_step = found.step if found else 0
+        later = [p for p in list_checkpoint_dirs(self.run_dir) if checkpoint_step(p) > first_step]
+        if later:
+            raise CheckpointConflict(
+                f"{self.run_dir / 'checkpoints'} holds checkpoints of steps after {first_step} "
+                f"({', '.join(p.name for p in reversed(later))}), left by another run; this run would mix "
+                f"with them. HINT: pass another --out, or move those checkpoints out of the way."
+            )
+        return found
+
+    def restore(self, ckpt: Checkpoint, model: GPT, optimizer, scaler, train_loader, seed: int) -> int:
+        """Load a checkpoint into the run's objects; returns the tokens seen before it."""
+        load_model_weights(ckpt, model)
+        state = load_train_state(ckpt)
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        train_loader.load_state_dict(state["train_loader"])
+        rng = load_rng_state(ckpt, self.d.rank)
+        if rng is not None:
+            restore_rng_state(rng)
+        else:  # a rank the saving run did not have
+            torch.manual_seed(seed + self.d.rank)
+        return state["tokens_seen"]
+
+
+class CheckpointConflict(CheckpointError):
+    """Checkpoints of another run stand where this run would write its own: a configuration error."""

@@ -160,9 +160,8 @@ def autocast_context(device: torch.device, amp: torch.dtype | None):
 
 def attention_context(name: str):
     """Restricts scaled_dot_product_attention to one kernel (compilation included, which reads the
-    same switches); auto leaves PyTorch's choice alone. Sampling passes auto: some kernels refuse
-    its one-token queries."""
-    return nullcontext() if name == "auto" else sdpa_kernel([ATTENTION_BACKENDS[name]])
+    same switches); auto lets PyTorch choose among all of them, also inside a restricted region."""
+    return sdpa_kernel(list(ATTENTION_BACKENDS.values()) if name == "auto" else [ATTENTION_BACKENDS[name]])
 
 
 def check_attention_backend(

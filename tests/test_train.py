@@ -18,7 +18,12 @@ from runs import TINY, read_metrics, run_train, train_losses
         (["--total-batch-size", "1000"], "not divisible"),
         (["--seq-len", "4096"], "longer than the model's block size"),
         (["--lr", "0"], "--lr must be > 0"),
-        (["--lr", "nan"], "--lr must be > 0 and finite"),
+        (["--lr", "nan"], "--lr must be a finite number"),
+        (["--weight-decay", "nan"], "--weight-decay must be a finite number"),
+        (["--grad-clip", "inf"], "--grad-clip must be a finite number"),
+        (["--seed", "-1"], "--seed must be in [0, "),
+        (["--dist-timeout-min", "-1"], "--dist-timeout-min must be > 0"),
+        (["--dropout", "1"], "--dropout must be in [0, 1)"),
         (["--beta2", "1.5"], "--beta2 must be in [0, 1)"),
         (["--batch-size", "0"], "--batch-size must be >= 1"),
         (["--dtype", "fp16"], "fp16 needs CUDA"),
@@ -42,7 +47,7 @@ def test_zero_samples_trains_and_prints_none(tiny_data, tmp_path, capsys):
     flags = ["--max-steps", "2", "--sample-every", "1", "--num-samples", "0", "--eval-every", "0"]
     assert train.main([*TINY, "--data", str(tiny_data), "--out", str(tmp_path / "run"), *flags]) == 0
     out = capsys.readouterr().out
-    assert "step      1 | loss" in out and "sample:" not in out
+    assert "step      1 | loss" in out and "---- sample" not in out
 
 
 def test_missing_data_directory_says_what_to_do(tmp_path, capsys):
@@ -198,7 +203,7 @@ def test_compiled_bf16_run_on_gpu_with_eval_and_samples(tiny_data, tmp_path, cap
         ]
     )
     assert code == 0
-    assert "sample:" in capsys.readouterr().out
+    assert "---- sample" in capsys.readouterr().out
     losses = train_losses(run)
     assert losses[19] < losses[0]
 
@@ -352,7 +357,7 @@ def test_default_run_prepares_tinyshakespeare_and_prints_samples(tmp_path, monke
     assert train.main(["--max-steps", "2", "--device", "cpu"]) == 0
     assert (tmp_path / "data" / "tinyshakespeare" / "meta.json").is_file()
     assert sorted(train_losses(tmp_path / "runs" / "tinyshakespeare")) == [0, 1]
-    assert capsys.readouterr().out.count("sample: ") == 2
+    assert capsys.readouterr().out.count("---- sample ") == 2
 
 
 def test_fine_tune_from_hugging_face_weights(hf_gpt2_dir, tiny_data, tmp_path, capsys):
@@ -379,10 +384,17 @@ def test_wandb_receives_the_same_metrics(tiny_data, tmp_path, monkeypatch):
     logged, inits = [], []
 
     class FakeRun:
+        finished = False
+
         def log(self, values, step):
+            assert not self.finished
             logged.append((step, values))
 
-    fake = types.SimpleNamespace(init=lambda **kw: inits.append(kw) or FakeRun())
+        def finish(self):
+            self.finished = True
+
+    runs = []
+    fake = types.SimpleNamespace(init=lambda **kw: inits.append(kw) or runs.append(FakeRun()) or runs[-1])
     monkeypatch.setitem(sys.modules, "wandb", fake)
     run = tmp_path / "run"
     args = [*TINY, "--data", str(tiny_data), "--out", str(run), "--max-steps", "3", "--wandb", "my-project"]
@@ -390,6 +402,7 @@ def test_wandb_receives_the_same_metrics(tiny_data, tmp_path, monkeypatch):
     assert inits[0]["project"] == "my-project" and inits[0]["config"]["max_steps"] == 3
     train_steps = [(step, v["loss"]) for step, v in logged if "loss" in v]
     assert train_steps == sorted(train_losses(run).items())
+    assert runs[0].finished  # the W&B run is closed with the metrics file
 
 
 def test_wandb_missing_package_is_a_clear_error(tiny_data, tmp_path, monkeypatch, capsys):

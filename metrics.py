@@ -1,0 +1,103 @@
+"""The run's record: RUN/metrics.jsonl, one JSON object per event (the run's settings, each
+step, each evaluation), and the same numbers sent to Weights & Biases when asked."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from config import TrainConfig
+from files import write_text_atomic
+from runtime import Dist
+
+
+class MetricsLog:
+    """RUN/metrics.jsonl, one JSON object per event, written by rank 0, and the W&B run when
+    --wandb is set. A context manager, so both are closed however the loop ends."""
+
+    def __init__(self, out_dir: Path, cfg: TrainConfig, d: Dist):
+        self.path, self.enabled = out_dir / "metrics.jsonl", d.master
+        self.wandb_project = cfg.wandb if d.master else ""
+        self.run_config = dataclasses.asdict(cfg)
+        self.file, self.wandb_run = None, None
+
+    def __enter__(self) -> MetricsLog:
+        if self.enabled:
+            self.file = open(self.path, "a")
+        if self.wandb_project:
+            import wandb
+
+            # an id of the run directory's own, kept there: a resumed run logs on to the same W&B run
+            id_file = self.path.parent / "wandb_run_id"
+            if not id_file.is_file():
+                write_text_atomic(id_file, f"{self.path.parent.resolve().name}-{os.urandom(4).hex()}\n")
+            run_id = id_file.read_text().strip()
+            self.wandb_run = wandb.init(project=self.wandb_project, config=self.run_config, resume="allow", id=run_id)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.file:
+            self.file.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+
+    def _records(self) -> Iterator[tuple[str, dict]]:
+        """(line, record) for each whole record in the file; a line cut short by a crash is skipped."""
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                yield line, record
+
+    def truncate_from(self, step: int) -> None:
+        """Drop events of steps >= step: they were logged after the checkpoint we resume from."""
+        if not self.enabled or not self.path.exists():
+            return
+        self.file.close()
+        kept = [line for line, record in self._records() if record.get("step") is None or record["step"] < step]
+        write_text_atomic(self.path, "".join(k + "\n" for k in kept))
+        self.file = open(self.path, "a")
+
+    def logged_types(self, step: int) -> set[str]:
+        """The types of the events logged at `step` ("eval", "hellaswag", ...); empty off rank 0."""
+        if not self.enabled or not self.path.exists():
+            return set()
+        return {record.get("type") for _, record in self._records() if record.get("step") == step}
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.wandb_run is not None and "step" in record:
+            self.wandb_run.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
+
+
+def run_metadata(cfg: TrainConfig, d: Dist, device: torch.device) -> dict:
+    try:
+        git = ["git", "rev-parse", "HEAD"]
+        commit = subprocess.run(git, capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent).stdout
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return {
+        "type": "run",
+        "time": datetime.datetime.now().isoformat(timespec="seconds"),
+        "git_commit": commit.strip() or None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+        "world_size": d.world_size,
+        "config": dataclasses.asdict(cfg),
+    }
