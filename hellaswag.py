@@ -357,7 +357,7 @@ def evaluate_one_at_a_time(
     tokenizer: Tokenizer | None = None,
 ) -> dict:
     """The loop of the original script: one item's four rows per forward pass and a host sync
-    per item. The baseline of bench_hellaswag.py and an independent check in the tests."""
+    per item. The baseline of bench/hellaswag.py and an independent check in the tests."""
     device = torch.device(device)
     model = _unwrap_ddp(model)
     block_size = _gpt_config(model).block_size

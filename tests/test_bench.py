@@ -7,21 +7,21 @@ import time
 import pytest
 import torch
 
-import bench
+from bench import step as bench_step
 from conftest import ROOT
 
 SMALL = ["--model", "tiny", "--batch-size", "2", "--seq-len", "32", "--device", "cpu", "--steps", "2", "--warmup", "1"]
 
 
 def script_env(**settings: str) -> dict[str, str]:
-    """bench_gpu.sh's environment: these settings, and this interpreter, whatever python3 on PATH is."""
+    """bench/gpu.sh's environment: these settings, and this interpreter, whatever python3 on PATH is."""
     return {**os.environ, "PYTHON": sys.executable, **settings}
 
 
 def test_json_rows_carry_the_figures_and_the_variant(capsys, tmp_path):
     flags = ["--no-compile", "--fused-loss", "--activation-checkpointing", "2", "--attention", "math", "--json"]
     flags += ["--pad-vocab", "1", "--no-fused-adamw", "--save", str(tmp_path / "rows.jsonl")]
-    assert bench.main([*SMALL, "--batch-size", "1", "2", *flags]) == 0
+    assert bench_step.main([*SMALL, "--batch-size", "1", "2", *flags]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert rows == [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
     assert [r["batch_size"] for r in rows] == [1, 2]
@@ -40,7 +40,7 @@ def test_a_step_accumulates_grad_accum_micro_batches_before_one_optimizer_step(m
     def count(name: str):
         return lambda *_: calls.__setitem__(name, calls[name] + 1)
 
-    real_build = bench.build_model
+    real_build = bench_step.build_model
 
     def counting_build(*args, **kwargs):
         model = real_build(*args, **kwargs)
@@ -55,8 +55,8 @@ def test_a_step_accumulates_grad_accum_micro_batches_before_one_optimizer_step(m
         model.configure_optimizers = configure
         return model
 
-    monkeypatch.setattr(bench, "build_model", counting_build)
-    assert bench.main([*SMALL, "--no-compile", "--grad-accum", "3", "--json"]) == 0
+    monkeypatch.setattr(bench_step, "build_model", counting_build)
+    assert bench_step.main([*SMALL, "--no-compile", "--grad-accum", "3", "--json"]) == 0
     row = json.loads(capsys.readouterr().out)
     assert calls == {"forward": 3 * 3, "optimizer": 3}  # three steps: the first (warm-up 1) and two timed
     assert row["grad_accum"] == 3
@@ -66,30 +66,30 @@ def test_a_step_accumulates_grad_accum_micro_batches_before_one_optimizer_step(m
 
 def test_grad_accum_below_one_is_refused():
     with pytest.raises(SystemExit) as exc:
-        bench.main([*SMALL, "--no-compile", "--grad-accum", "0"])
+        bench_step.main([*SMALL, "--no-compile", "--grad-accum", "0"])
     assert exc.value.code == 2
 
 
 def test_table_row_names_the_configuration(capsys):
-    assert bench.main([*SMALL, "--no-compile"]) == 0
+    assert bench_step.main([*SMALL, "--no-compile"]) == 0
     out = capsys.readouterr().out
     assert "tiny" in out and "B=  2 T=32" in out and "tok/s" in out and "compile=off" in out
 
 
 def test_unavailable_attention_kernel_is_a_clear_error(capsys):
-    assert bench.main([*SMALL, "--no-compile", "--attention", "efficient"]) == 2
+    assert bench_step.main([*SMALL, "--no-compile", "--attention", "efficient"]) == 2
     assert "--attention efficient: this kernel does not run on cpu" in capsys.readouterr().err
 
 
 def test_compile_mode_without_compile_is_refused():
     with pytest.raises(SystemExit) as exc:
-        bench.main([*SMALL, "--no-compile", "--compile-mode", "max-autotune"])
+        bench_step.main([*SMALL, "--no-compile", "--compile-mode", "max-autotune"])
     assert exc.value.code == 2
 
 
 def test_compile_scope_without_compile_is_refused():
     with pytest.raises(SystemExit) as exc:
-        bench.main([*SMALL, "--no-compile", "--compile-scope", "blocks"])
+        bench_step.main([*SMALL, "--no-compile", "--compile-scope", "blocks"])
     assert exc.value.code == 2
 
 
@@ -105,27 +105,28 @@ def test_each_batch_size_is_compiled_with_static_shapes(monkeypatch, capsys):
         return gm.forward
 
     monkeypatch.setattr(
-        bench, "compile_model", lambda model, mode, scope: torch.compile(model, backend=recording_backend)
+        bench_step, "compile_model", lambda model, mode, scope: torch.compile(model, backend=recording_backend)
     )
-    assert bench.main([*SMALL, "--batch-size", "1", "2", "3", "--compile", "--no-fused-loss", "--json"]) == 0
+    assert bench_step.main([*SMALL, "--batch-size", "1", "2", "3", "--compile", "--no-fused-loss", "--json"]) == 0
     assert [json.loads(line)["batch_size"] for line in capsys.readouterr().out.splitlines()] == [1, 2, 3]
     assert dynamic == [False, False, False]
 
 
 def test_gpu_script_runs_its_overhead_item_on_a_cpu(tiny_data, tmp_path):
-    """bench_gpu.sh is run for real only where a GPU is lent; its plumbing is checked here with
-    the tiny preset so that it does not rot in between. The results folder holds only the few
-    files a leased machine sends back."""
+    """bench/gpu.sh runs for real only on a GPU machine; its plumbing is checked here with the
+    tiny preset so that it does not rot in between. The results folder holds only the few files
+    a remote machine is to send back."""
     logs, scratch = tmp_path / "logs", tmp_path / "scratch"
     env = script_env(LOGS=str(logs), SCRATCH=str(scratch), MODEL="tiny", SEQ="32", BATCH="2", DATA=str(tiny_data))
     result = subprocess.run(
-        ["bash", str(ROOT / "bench_gpu.sh"), "overhead"], env=env, capture_output=True, text=True, timeout=300
+        ["bash", str(ROOT / "bench" / "gpu.sh"), "overhead"], env=env, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "loop overhead" in result.stdout and "=== overhead took" in result.stdout
     assert "=== items\noverhead: took" in result.stdout and "=== results" in result.stdout  # the closing tables
     rows = [json.loads(line) for line in (logs / "results.jsonl").read_text().splitlines()]
     assert rows[-1]["model"] == "tiny" and rows[-1]["batch_size"] == 2 and rows[-1]["seq_len"] == 32
+    assert rows[-1]["fused_loss"] is False  # the loss train.py was given: like is compared with like
     assert (logs / "bench_gpu.log").read_text().count("loop overhead") == 1
     assert sorted(p.name for p in logs.iterdir()) == ["bench_gpu.log", "overhead_metrics.jsonl", "results.jsonl"]
     assert (scratch / "overhead_run" / "metrics.jsonl").is_file()
@@ -134,7 +135,7 @@ def test_gpu_script_runs_its_overhead_item_on_a_cpu(tiny_data, tmp_path):
 def test_gpu_script_refuses_an_unknown_item_before_running_any(tmp_path):
     env = script_env(LOGS=str(tmp_path))
     result = subprocess.run(
-        ["bash", str(ROOT / "bench_gpu.sh"), "gpt2", "nosuch"], env=env, capture_output=True, text=True
+        ["bash", str(ROOT / "bench" / "gpu.sh"), "gpt2", "nosuch"], env=env, capture_output=True, text=True
     )
     assert result.returncode == 2 and "unknown item nosuch" in result.stderr
     assert not (tmp_path / "bench_gpu.log").exists()
@@ -142,14 +143,14 @@ def test_gpu_script_refuses_an_unknown_item_before_running_any(tmp_path):
 
 def test_gpu_script_starts_only_the_items_that_fit_its_budget(tmp_path):
     """With BUDGET_S an item starts only if its estimate fits in what is left: here env (10 s)
-    runs and gpt2 (70 s) is skipped and said to be, not started and cut off by the lease."""
+    runs and gpt2 (35 s) is skipped and said to be, not started and then cut off at the deadline."""
     env = script_env(LOGS=str(tmp_path), BUDGET_S="30")
     result = subprocess.run(
-        ["bash", str(ROOT / "bench_gpu.sh"), "env", "gpt2"], env=env, capture_output=True, text=True, timeout=120
+        ["bash", str(ROOT / "bench" / "gpu.sh"), "env", "gpt2"], env=env, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "=== env took" in result.stdout and "torch" in (tmp_path / "bench_gpu.log").read_text()
-    assert "=== gpt2 skipped: expected to take 70 s" in result.stdout
+    assert "=== gpt2 skipped: expected to take 35 s" in result.stdout
     assert "gpt2: skipped" in result.stdout.split("=== items")[1]
     assert not (tmp_path / "results.jsonl").exists()
 
@@ -163,7 +164,7 @@ def test_gpu_script_stops_a_command_still_running_when_the_budget_is_spent(tmp_p
     env = {**script_env(LOGS=str(tmp_path / "logs"), BUDGET_S="12"), "PYTHON": str(slow)}
     started = time.monotonic()
     result = subprocess.run(
-        ["bash", str(ROOT / "bench_gpu.sh"), "env"], env=env, capture_output=True, text=True, timeout=120
+        ["bash", str(ROOT / "bench" / "gpu.sh"), "env"], env=env, capture_output=True, text=True, timeout=120
     )
     assert time.monotonic() - started < 40
     assert result.returncode == 1 and "FAILED (exit 124)" in result.stdout
@@ -173,7 +174,7 @@ def test_gpu_script_stops_a_command_still_running_when_the_budget_is_spent(tmp_p
 def test_gpu_script_overhead_item_stops_where_train_py_fails(tmp_path):
     env = script_env(LOGS=str(tmp_path / "logs"), MODEL="tiny", SEQ="32", BATCH="2", DATA=str(tmp_path / "nodata"))
     result = subprocess.run(
-        ["bash", str(ROOT / "bench_gpu.sh"), "overhead"], env=env, capture_output=True, text=True, timeout=300
+        ["bash", str(ROOT / "bench" / "gpu.sh"), "overhead"], env=env, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 1 and "FAILED (exit 1)" in result.stdout
     assert not (tmp_path / "logs" / "results.jsonl").exists()  # no benchmark run for nothing
@@ -187,7 +188,7 @@ def test_activation_memory_counts_less_with_each_memory_option(capsys):
         "fused": ["--fused-loss"],
         "checkpointed": ["--no-fused-loss", "--activation-checkpointing", "1"],
     }.items():
-        assert bench.main([*base, *flags]) == 0
+        assert bench_step.main([*base, *flags]) == 0
         row = json.loads(capsys.readouterr().out)
         assert row["model"] == "tiny" and row["weights_grads_adam_gib"] > 0
         per_sequence[name] = row["per_sequence_mib"]
@@ -198,5 +199,30 @@ def test_activation_memory_counts_less_with_each_memory_option(capsys):
 
 def test_sequence_length_defaults_to_the_presets_block_size(capsys):
     # tiny's block size is 128; a fixed default of 1024 would not fit it
-    assert bench.main(["--model", "tiny", "--batch-size", "1", "--device", "cpu", "--steps", "1", "--warmup", "1"]) == 0
+    assert (
+        bench_step.main(["--model", "tiny", "--batch-size", "1", "--device", "cpu", "--steps", "1", "--warmup", "1"])
+        == 0
+    )
     assert "T=128" in capsys.readouterr().out
+
+
+def test_benchmarks_run_as_modules_from_the_repository_root():
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.step", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0 and "usage: python -m bench.step" in result.stdout
+
+
+def test_a_device_that_is_not_there_is_refused_before_any_work(capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench_step.main([*SMALL, "--device", "nosuch"])
+    assert exc.value.code == 2 and "--device 'nosuch'" in capsys.readouterr().err
+
+
+def test_hellaswag_benchmark_names_a_missing_data_file_with_a_hint(tmp_path, capsys):
+    from bench import hellaswag as bench_hellaswag
+
+    missing = tmp_path / "absent.jsonl"
+    assert bench_hellaswag.main(["--device", "cpu", "--data-file", str(missing), "--limit", "2"]) == 2
+    err = capsys.readouterr().err
+    assert f"--data-file {missing}" in err and "HINT:" in err

