@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from dataloader import DataError
 from files import fsync_dir, fsync_file, sha256_file, write_text_atomic
 from model import GPT, GPTConfig
 from runtime import Dist
@@ -216,20 +218,35 @@ def list_checkpoint_dirs(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name, reverse=True)
 
 
+REQUIRED_FILES = ("model.safetensors", "train_state.pt", "rng_rank00000.pt")
+
+
 def verify_checkpoint(path: Path) -> dict:
-    """Meta of a checkpoint after checking every listed file's size and sha256."""
+    """Meta of a checkpoint after checking it against its directory: its step, the files every
+    checkpoint has, and every listed file's size and sha256."""
     path = Path(path)
     meta_path = path / "meta.json"
     try:
         meta = json.loads(meta_path.read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{meta_path}: unreadable ({e})") from e
-    if meta.get("format_version") != FORMAT_VERSION:
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        version = meta.get("format_version") if isinstance(meta, dict) else None
+        raise CheckpointError(f"{path}: checkpoint format version {version}, this code reads {FORMAT_VERSION}")
+    files = meta.get("files")
+    if not isinstance(files, dict) or not isinstance(meta.get("model_config"), dict):
+        raise CheckpointError(f"{meta_path}: no list of files or no model_config")
+    if CKPT_DIR_RE.match(path.name) and meta.get("step") != checkpoint_step(path):
         raise CheckpointError(
-            f"{path}: checkpoint format version {meta.get('format_version')}, this code reads {FORMAT_VERSION}"
+            f"{meta_path}: says step {meta.get('step')!r}, the directory's name step {checkpoint_step(path)}"
         )
-    for name, info in meta.get("files", {}).items():
+    for name in REQUIRED_FILES:
+        if name not in files:
+            raise CheckpointError(f"{meta_path}: lists no {name}")
+    for name, info in files.items():
         f = path / name
+        if Path(name).name != name:
+            raise CheckpointError(f"{meta_path}: file name {name!r} points outside the checkpoint")
         if not f.is_file():
             raise CheckpointError(f"{f}: missing")
         if f.stat().st_size != info["bytes"]:
@@ -316,6 +333,7 @@ class Checkpointer:
     def __init__(self, run_dir: Path, every: int, keep_last: int, keep_every: int, d: Dist, warn=print):
         self.run_dir, self.every, self.keep_last, self.keep_every = Path(run_dir), every, keep_last, keep_every
         self.d, self.warn = d, warn
+        self.auto = True
 
     def due(self, step: int) -> bool:
         return self.every > 0 and step % self.every == 0
@@ -329,14 +347,43 @@ class Checkpointer:
             print(f"saved checkpoint {path}", flush=True)
         return path
 
-    def find(self, resume: str) -> Checkpoint | None:
-        """The checkpoint `--resume` names (auto: the newest usable one here; never: none). With
-        an explicit choice, later checkpoints of another run in this directory are an error:
-        resuming and pruning go by step number, so they would be taken for this run's newest."""
-        if resume == "auto":
-            return find_checkpoint(self.run_dir, warn=self.warn)
-        found = None if resume == "never" else resolve_checkpoint(resume, warn=self.warn)
-        first_step = found.step if found else 0
+    def resume(self, candidates: list[Checkpoint], model: GPT, optimizer, scaler, train_loader, seed: int):
+        """Load the newest of `candidates` that loads into the run's objects: (that checkpoint or
+        None, the tokens seen before it). One that cannot be loaded is skipped with a warning for
+        the one before it; when checkpoints exist but none is usable the run stops instead of
+        starting over on top of them."""
+        for ckpt in candidates:
+            try:
+                return ckpt, self.restore(ckpt, model, optimizer, scaler, train_loader, seed)
+            except DataError:
+                raise  # other data than the run's: not a damaged checkpoint
+            except (CheckpointError, RuntimeError, KeyError, ValueError, TypeError, EOFError, pickle.PickleError) as e:
+                if len(candidates) == 1 and not self.auto:
+                    raise CheckpointError(f"{ckpt.path} cannot be loaded ({type(e).__name__}: {e})") from e
+                self.warn(f"WARNING: skipping checkpoint {ckpt.path}: cannot be loaded ({type(e).__name__}: {e})")
+        if candidates or (self.auto and list_checkpoint_dirs(self.run_dir)):
+            raise CheckpointError(
+                f"no checkpoint in {self.run_dir / 'checkpoints'} is usable (see the warnings above), and starting "
+                "over would mix a new run with this one's record.\nHINT: to start afresh, pass --resume never "
+                "(and another --out to keep this run's files), or move the checkpoints away."
+            )
+        return None, 0
+
+    def candidates(self, resume: str) -> list[Checkpoint]:
+        """Verified checkpoints to try, newest first. With an explicit choice, later checkpoints of
+        another run in this directory are an error: resuming and pruning go by step number, so
+        they would be taken for this run's newest."""
+        self.auto = resume == "auto"
+        if self.auto:
+            found = []
+            for path in list_checkpoint_dirs(self.run_dir):
+                try:
+                    found.append(Checkpoint(path, verify_checkpoint(path)))
+                except CheckpointError as e:
+                    self.warn(f"WARNING: skipping checkpoint {path}: {e}")
+            return found
+        chosen = None if resume == "never" else resolve_checkpoint(resume, warn=self.warn)
+        first_step = chosen.step if chosen else 0
         later = [p for p in list_checkpoint_dirs(self.run_dir) if checkpoint_step(p) > first_step]
         if later:
             raise CheckpointConflict(
@@ -344,7 +391,7 @@ class Checkpointer:
                 f"({', '.join(p.name for p in reversed(later))}), left by another run; this run would mix "
                 f"with them. HINT: pass another --out, or move those checkpoints out of the way."
             )
-        return found
+        return [chosen] if chosen else []
 
     def restore(self, ckpt: Checkpoint, model: GPT, optimizer, scaler, train_loader, seed: int) -> int:
         """Load a checkpoint into the run's objects; returns the tokens seen before it."""
@@ -358,7 +405,7 @@ class Checkpointer:
             restore_rng_state(rng)
         else:  # a rank the saving run did not have
             torch.manual_seed(seed + self.d.rank)
-        return state["tokens_seen"]
+        return int(state["tokens_seen"])
 
 
 class CheckpointConflict(CheckpointError):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 
 from model import COMPILE_MODES, COMPILE_SCOPES, PRESETS
@@ -127,6 +128,9 @@ class TrainConfig:
     resume: str = _flag(
         "auto", "auto: continue from the newest usable checkpoint in --out; never; or a checkpoint path"
     )
+    allow_changes: bool = _flag(
+        False, "resume even where flags that change what is trained (model, batch, schedule, data) differ"
+    )
     max_bad_steps: int = _flag(
         5, "stop after this many consecutive steps with a non-finite loss or gradient norm", at_least=1
     )
@@ -192,3 +196,59 @@ def parse_config(argv: list[str] | None) -> tuple[TrainConfig, argparse.Namespac
     args = build_parser().parse_args(argv)
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
     return TrainConfig(**values), args
+
+
+# ---- a rerun whose flags differ from the run it resumes ----
+
+# Flags that change what is trained: resuming with another value would silently make the
+# weights the product of two different runs. The others change only speed, memory, logging
+# or evaluation, and may change between restarts.
+TRAINING_FLAGS = (
+    "data", "model", "n_layer", "n_head", "n_embd", "dropout", "pad_vocab", "init_from",
+    "batch_size", "seq_len", "total_batch_size", "lr", "min_lr", "warmup_steps", "weight_decay",
+    "beta1", "beta2", "grad_clip", "shuffle", "seed", "dtype",
+)  # fmt: skip
+# Flags that say how to run, not what the run is: never reported as changes.
+INVOCATION_FLAGS = ("resume", "allow_changes", "out")
+
+
+def config_changes(saved: dict, cfg: TrainConfig, resumed_step: int) -> tuple[list[str], list[str]]:
+    """(changes to what is trained, other changes) between the saved run's flags and these, one
+    line each. Raises ConfigError for changes to what is trained unless --allow-changes is set."""
+    new = dataclasses.asdict(cfg)
+    data_dir = {c["data"] or f"data/{DEFAULT_CORPUS}" for c in (saved, new) if "data" in c}
+    if len({os.path.normpath(d) for d in data_dir}) == 1:  # the default corpus, named or not
+        saved = {**saved, "data": new["data"]}
+    changed = [k for k in new if k in saved and saved[k] != new[k] and k not in INVOCATION_FLAGS]
+    describe = [f"--{k.replace('_', '-')}: {saved[k]!r} -> {new[k]!r}" for k in changed]
+    training = [line for k, line in zip(changed, describe) if k in TRAINING_FLAGS]
+    other = [line for k, line in zip(changed, describe) if k not in TRAINING_FLAGS]
+    if "max_steps" in changed:
+        if cfg.max_steps < resumed_step:
+            raise ConfigError(
+                f"--max-steps {cfg.max_steps}: this run already took {resumed_step} steps.\n"
+                "HINT: pass a larger --max-steps, or start afresh with --resume never and another --out."
+            )
+        old_lr = learning_rate(resumed_step, TrainConfig(**{**new, "max_steps": saved["max_steps"]}))
+        other.append(
+            f"(the cosine schedule now ends at step {cfg.max_steps} instead of {saved['max_steps']}: the learning "
+            f"rate at step {resumed_step} goes from {old_lr:.3g} to {learning_rate(resumed_step, cfg):.3g})"
+        )
+    if training and not cfg.allow_changes:
+        raise ConfigError(
+            f"these flags differ from the run being resumed (step {resumed_step}), and change what is trained:\n  "
+            + "\n  ".join(training)
+            + "\nHINT: pass the run's own values to continue it; or --out DIR to train a new run elsewhere; or "
+            "--resume never to start this one over (its checkpoints are replaced as it goes); or "
+            "--allow-changes to continue with the new values (recorded in metrics.jsonl)."
+        )
+    return training, other
+
+
+def learning_rate(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to lr, then cosine decay to min_lr at max_steps."""
+    min_lr = cfg.lr / 10 if cfg.min_lr is None else cfg.min_lr
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))) * (cfg.lr - min_lr)

@@ -49,6 +49,7 @@ from prepare_data import FORMAT_VERSION, MARKER_NAME, META_NAME
 LLMC_HEADER_INTS = 256
 LLMC_FORMATS = {20240520: (1, np.dtype(np.uint16)), 20240801: (7, np.dtype(np.uint32))}  # magic: (version, dtype)
 ID_SAMPLE = 4096  # ids per shard checked against the vocabulary at start-up
+FOREIGN_VOCAB_SIZE = 50257  # shards of other projects carry no meta.json: they hold GPT-2 tokens
 
 
 class DataError(RuntimeError):
@@ -133,8 +134,15 @@ def _foreign_shards(data_dir: Path, split: str) -> list[Path]:
 
 
 def read_meta(data_dir: str | Path) -> dict | None:
-    """A data directory's meta.json, or None for shards made by others; no shard is opened."""
+    """A data directory's meta.json, checked for the fields the loader reads, or None for shards
+    made by others; no shard is opened."""
     data_dir = Path(data_dir)
+    if data_dir.is_file():
+        raise DataError(
+            f"{data_dir} is a file, not a directory of prepared shards.\n"
+            f"HINT: prepare it first with `python prepare_data.py {data_dir}`, then pass --data "
+            f"data/{_stem(data_dir)}."
+        )
     if not data_dir.is_dir():
         raise DataError(
             f"{data_dir}: no such data directory.\nHINT: make it with `python prepare_data.py INPUT --out {data_dir}`."
@@ -143,9 +151,43 @@ def read_meta(data_dir: str | Path) -> dict | None:
     if not meta_path.is_file():
         return None
     try:
-        return json.loads(meta_path.read_text())
+        meta = json.loads(meta_path.read_text())
     except (OSError, ValueError) as e:
         raise DataError(f"{meta_path}: unreadable ({e}).\n{_hint(None)}") from None
+    problem = _meta_problem(meta)
+    if problem:
+        raise DataError(f"{meta_path}: {problem}.\n{_hint(meta if isinstance(meta, dict) else None)}")
+    return meta
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    return next((name[: -len(s)] for s in (".txt.gz", ".jsonl.gz", ".txt", ".jsonl") if name.endswith(s)), path.stem)
+
+
+def _meta_problem(meta: object) -> str | None:
+    """What makes a meta.json unusable, or None: the fields the loader reads, of the right types,
+    and shard names that stay inside their own folder."""
+    if not isinstance(meta, dict):
+        return f"holds a {type(meta).__name__}, expected a JSON object"
+    for key, kind in (("format_version", int), ("vocab_size", int), ("eot_id", int), ("dtype", str),
+                      ("tokenizer", str), ("splits", dict)):  # fmt: skip
+        if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
+            return f"field {key!r} is {meta.get(key)!r}, expected {'an integer' if kind is int else kind.__name__}"
+    if meta["vocab_size"] < 1:
+        return f"vocab_size is {meta['vocab_size']}"
+    for split, info in meta["splits"].items():
+        shards = info.get("shards") if isinstance(info, dict) else None
+        if not isinstance(shards, list):
+            return f"splits.{split} has no list of shards"
+        for entry in shards:
+            if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
+                return f"splits.{split} lists a shard without a file name: {entry!r}"
+            if not isinstance(entry.get("tokens"), int):
+                return f"splits.{split}: shard {entry['file']!r} has no integer token count"
+            if Path(entry["file"]).name != entry["file"] or entry["file"] in ("", ".", ".."):
+                return f"shard name {entry['file']!r} points outside the data directory"
+    return None
 
 
 def open_split(data_dir: str | Path, split: str) -> tuple[list[tuple[str, np.ndarray]], dict | None]:
@@ -168,7 +210,10 @@ def open_split(data_dir: str | Path, split: str) -> tuple[list[tuple[str, np.nda
     if len({p.suffix for p in paths}) > 1:
         raise DataError(f"{data_dir}: both .npy and .bin {split} shards here; keep one format per directory.")
     hint = _hint(None)
-    return [(p.name, _open_npy(p, hint) if p.suffix == ".npy" else _open_llmc(p, hint)) for p in paths], None
+    shards = [(p.name, _open_npy(p, hint) if p.suffix == ".npy" else _open_llmc(p, hint)) for p in paths]
+    for (_, tokens), path in zip(shards, paths):
+        _check_ids(path, tokens, FOREIGN_VOCAB_SIZE, hint)
+    return shards, None
 
 
 def _open_own_split(data_dir: Path, split: str, meta: dict) -> list[tuple[str, np.ndarray]]:
@@ -271,7 +316,7 @@ class ShardedDataLoader:
         self.device = torch.device(device)
 
         shards, meta = open_split(self.data_dir, split)
-        self.vocab_size: int | None = meta["vocab_size"] if meta else None
+        self.vocab_size: int = meta["vocab_size"] if meta else FOREIGN_VOCAB_SIZE
         self.eot_id: int | None = meta["eot_id"] if meta else None
         self._names = [name for name, tokens in shards if len(tokens)]
         self._shards = [tokens for _, tokens in shards if len(tokens)]
@@ -321,7 +366,12 @@ class ShardedDataLoader:
         """The batch of unshuffled chunk `chunk_index`, whatever the rank, world size or position."""
         if not 0 <= chunk_index < self.num_chunks():
             raise IndexError(f"chunk {chunk_index} is not in [0, {self.num_chunks()})")
-        tokens = self._read(chunk_index * self.chunk_tokens, self.chunk_tokens + 1)
+        start = chunk_index * self.chunk_tokens
+        tokens = self._read(start, self.chunk_tokens + 1)
+        # The shards' ids were sampled when they were opened; every batch is checked whole here,
+        # on the host, so that a bad id is reported as bad data and never reaches an embedding.
+        if int(tokens.max()) >= self.vocab_size:
+            self._raise_bad_id(start, tokens)
         shape = (self.batch_size, self.seq_len)
         if self._staging is not None:
             # x then y, each whole, so that both start aligned and one copy moves them
@@ -329,6 +379,15 @@ class ShardedDataLoader:
             return xy[: self.chunk_tokens].view(shape), xy[self.chunk_tokens :].view(shape)
         buf = torch.from_numpy(tokens.astype(np.int64)).to(self.device)
         return buf[:-1].view(shape), buf[1:].view(shape)
+
+    def _raise_bad_id(self, start: int, tokens: np.ndarray) -> None:
+        position = start + int(np.argmax(tokens >= self.vocab_size))
+        i = bisect_right(self._starts, position) - 1
+        raise DataError(
+            f"{self.data_dir / self._names[i]}: token id {int(tokens[position - start])} at token offset "
+            f"{position - self._starts[i]:,} is not below the vocabulary size {self.vocab_size} "
+            f"(wrong tokenizer, or a corrupt shard).\nHINT: prepare the data again with prepare_data.py."
+        )
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._epoch_positions() == 0:

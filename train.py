@@ -13,13 +13,16 @@ steps, and that last pass does the final checkpoint and evaluation.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import math
 import os
 import signal
+import socket
 import sys
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 import checkpoint as ckpt_lib
-from config import DEFAULT_CORPUS, TrainConfig, parse_config
+from config import DEFAULT_CORPUS, TrainConfig, config_changes, learning_rate, parse_config
 from dataloader import DataError, ShardedDataLoader, read_meta
 from files import write_text_atomic
 from metrics import MetricsLog, run_metadata
@@ -53,28 +56,32 @@ from tokenizer import TokenizerError, get_tokenizer
 EXIT_NONFINITE, EXIT_PREEMPTED = 3, 75
 
 
-def learning_rate(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up to lr, then cosine decay to min_lr at max_steps."""
-    min_lr = cfg.lr / 10 if cfg.min_lr is None else cfg.min_lr
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))) * (cfg.lr - min_lr)
-
-
 # ---- the run's record and signals ----
 
 
 class StopSignal:
-    """Remembers SIGTERM / SIGUSR1; the loop checks it at step boundaries, agreed by all ranks."""
+    """Remembers SIGTERM, SIGUSR1 and a first Ctrl-C (SIGINT); the loop saves a checkpoint at the
+    next step boundary, agreed by all ranks, and exits with EXIT_PREEMPTED. A second Ctrl-C ends
+    the process at once: the newest complete checkpoint is intact whatever is being written."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self):
         self.received: int | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            print("\nsecond Ctrl-C: stopped at once, without saving", file=sys.stderr, flush=True)
+            os._exit(130)
+        if signum == signal.SIGINT:
+            print0("\nCtrl-C: saving a checkpoint at the end of this step (Ctrl-C again: stop at once)")
         self.received = signum
+
+    def restore(self) -> None:
+        """Put back the handlers there were before, for whoever called main()."""
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def fault_injection(name: str, step: int, rank: int) -> bool:
@@ -362,38 +369,69 @@ def print_step(record: dict, cfg: TrainConfig, step_ms_avg: float, bad_steps: in
 
 
 def main(argv: list[str] | None = None) -> int:
+    stop = StopSignal()  # first: a signal during start-up stops the run before its first step
+    d = Dist()
     try:
         cfg, args = parse_config(argv)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_CONFIG
-    if args.plot:
-        import plot
+        if args.plot:
+            import plot
 
-        return plot.main(args.plot)
-    d = Dist()
-    stop_handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-    try:
+            return plot.main(args.plot)
         d, device = setup_distributed(cfg.device, cfg.dist_timeout_min)
-        with attention_context(cfg.attention):
-            code = train(cfg, d, device)
+        with attention_context(cfg.attention), claim_run_dir(run_dir(cfg), d):
+            code = train(cfg, d, device, stop)
         # Every rank is done with collectives before any closes its connections: without this,
         # gloo can abort a rank whose peer already tore down its side.
         d.barrier()
         return code
     except (ConfigError, ckpt_lib.CheckpointConflict) as e:
-        print(f"[rank {d.rank}] error: {e}", file=sys.stderr)
+        print(f"{f'[rank {d.rank}] ' if d.enabled else ''}error: {e}", file=sys.stderr)
         return EXIT_CONFIG
     except (DataError, DataPrepError, ckpt_lib.CheckpointError, TokenizerError) as e:
-        print(f"[rank {d.rank}] error: {e}", file=sys.stderr)
+        print(f"{f'[rank {d.rank}] ' if d.enabled else ''}error: {e}", file=sys.stderr)
         return EXIT_ERROR
     finally:
-        for sig, handler in stop_handlers.items():  # StopSignal's, put back for whoever called main
-            signal.signal(sig, handler)
+        stop.restore()
         teardown_distributed()
 
 
-def train(cfg: TrainConfig, d: Dist, device: torch.device) -> int:
+def run_dir(cfg: TrainConfig) -> Path:
+    return Path(cfg.out or Path("runs") / Path(cfg.data or DEFAULT_CORPUS).name)
+
+
+@contextmanager
+def claim_run_dir(out_dir: Path, d: Dist) -> Iterator[None]:
+    """Make --out and hold its lock for the run (rank 0): an unwritable folder fails now, before
+    any set-up, and a second run started on the same folder is refused instead of writing into it.
+    The lock goes with the process, however it ends."""
+    if not d.master:
+        yield
+        return
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(out_dir / ".lock", "a+")
+    except OSError as e:
+        hint = "HINT: pass an --out you can write to."
+        raise ConfigError(f"--out {out_dir}: cannot write there ({e.strerror}).\n{hint}") from None
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            owner = lock.read().strip() or "another process"
+            raise ConfigError(
+                f"{out_dir} is in use by another run ({owner}).\n"
+                "HINT: wait for it to end, stop it, or pass another --out."
+            ) from None
+        lock.truncate(0)
+        lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        lock.flush()
+        yield
+    finally:
+        lock.close()
+
+
+def train(cfg: TrainConfig, d: Dist, device: torch.device, stop: StopSignal) -> int:
     # ---- set-up: data, model, batch arithmetic, optimizer, resume ----
     check_wandb(cfg, d)
     data_dir = resolve_data_dir(cfg, d)
@@ -411,17 +449,17 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> int:
     grad_accum = check_batch_arithmetic(cfg, seq_len, model.config.block_size, d)
     tokens_per_step = cfg.batch_size * seq_len * d.world_size * grad_accum
     train_loader, val_loader, val_chunks = build_loaders(cfg, data_dir, seq_len, grad_accum, d, device)
-    out_dir = Path(cfg.out or Path("runs") / data_dir.name)
+    out_dir = run_dir(cfg)
     describe_run(cfg, model, out_dir, d, device, amp, use_compile, seq_len, grad_accum, train_loader)
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), device.type)
     scaler = torch.amp.GradScaler("cuda", enabled=amp is torch.float16)
     checkpointer = ckpt_lib.Checkpointer(out_dir, cfg.checkpoint_every, cfg.keep_last, cfg.keep_every, d, print0)
-    resume_from = checkpointer.find(cfg.resume)
-    start_step, tokens_seen = 0, 0
     torch.manual_seed(cfg.seed + d.rank)  # dropout differs per rank (a checkpoint's RNG state replaces this)
+    candidates = checkpointer.candidates(cfg.resume)  # verified, newest first
+    changes = config_changes(candidates[0].meta.get("config", {}), cfg, candidates[0].step) if candidates else ([], [])
+    resume_from, tokens_seen = checkpointer.resume(candidates, model, optimizer, scaler, train_loader, cfg.seed)
+    start_step = resume_from.step if resume_from else 0
     if resume_from is not None:
-        tokens_seen = checkpointer.restore(resume_from, model, optimizer, scaler, train_loader, cfg.seed)
-        start_step = resume_from.step
         print0(f"resumed from {resume_from.path} (step {start_step}, saved by {resume_from.meta['world_size']} ranks)")
     eval_model, train_model = wrap_model(model, cfg, d, device, use_compile)
     tokenizer = get_tokenizer(data_meta["tokenizer"] if data_meta else "gpt2")
@@ -431,12 +469,15 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> int:
         write_text_atomic(out_dir / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
     params = [p for p in model.parameters() if p.requires_grad]
     flops_per_token, peak = model.flops_per_token(seq_len), peak_flops(device)
-    stop, stop_requested, bad_steps, step_ms_avg, step_clock = StopSignal(), False, 0, 0.0, None
+    stop_requested, bad_steps, step_ms_avg, step_clock = d.any(stop.received is not None), 0, 0.0, None
 
     with MetricsLog(out_dir, cfg, d) as metrics:
         if start_step < cfg.max_steps:  # (a finished run keeps its record, final evaluation included)
             metrics.truncate_from(start_step)
         metrics.log({**run_metadata(cfg, d, device), "resumed_from_step": start_step if resume_from else None})
+        if changes[0] or changes[1]:
+            print0("resuming with changed flags:\n  " + "\n  ".join(changes[0] + changes[1]))
+            metrics.log({"type": "config_change", "step": start_step, "training": changes[0], "other": changes[1]})
         for step in range(start_step, cfg.max_steps + 1):
             last_step = step == cfg.max_steps
             # ---- once in a while, on the weights after `step` updates ----

@@ -236,7 +236,7 @@ def test_reads_build_nanogpt_npy_shards(tmp_path):
     for i, split in enumerate(["val", "train", "train"]):
         np.save(tmp_path / f"edufineweb_{split}_{i:06d}.npy", np.arange(i * 100, i * 100 + 100, dtype=np.uint16))
     loader = ShardedDataLoader(tmp_path, "train", B, T)
-    assert loader.vocab_size is None and loader.eot_id is None and loader.num_tokens == 200
+    assert loader.vocab_size == 50257 and loader.eot_id is None and loader.num_tokens == 200
     assert torch.equal(loader.batch_at(6)[0].flatten(), torch.arange(196, 212))  # across the two train shards
 
 
@@ -258,7 +258,7 @@ def test_reads_llmc_bin_shards(tmp_path):
     write_llmc(tmp_path / "fineweb_train_000002.bin", np.arange(300, 500))
     write_llmc(tmp_path / "fineweb_val_000000.bin", np.arange(50))
     loader = ShardedDataLoader(tmp_path, "train", B, T, shuffle=True)
-    assert loader.num_tokens == 500 and loader.vocab_size is None
+    assert loader.num_tokens == 500 and loader.vocab_size == 50257
     assert torch.equal(loader.batch_at(18)[0].flatten(), torch.arange(288, 304))
     assert ShardedDataLoader(tmp_path, "val", B, T).num_tokens == 50
 

@@ -131,7 +131,7 @@ def wait_for_step(run, step, proc, timeout=120):
     raise TimeoutError(f"run did not reach step {step}")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
 def test_signal_saves_checkpoint_and_exits_75_then_resumes_exactly(tiny_data, tmp_path, reference_1proc, sig):
     run = tmp_path / "run"
     proc = subprocess.Popen(
@@ -147,9 +147,25 @@ def test_signal_saves_checkpoint_and_exits_75_then_resumes_exactly(tiny_data, tm
     assert proc.returncode == train.EXIT_PREEMPTED, err[-3000:]
     ckpt = checkpoint.find_checkpoint(run)
     assert ckpt is not None and 3 < ckpt.step < 20
-    assert "stopped by a signal" in out
+    assert "stopped by a signal" in out and "Traceback" not in err
     assert train.main(flags(tiny_data, run, every=0)) == 0
     assert train_losses(run) == train_losses(reference_1proc)
+
+
+def test_second_ctrl_c_stops_at_once_without_a_traceback(monkeypatch, capsys):
+    exits = []
+    monkeypatch.setattr(train.os, "_exit", exits.append)
+    stop = train.StopSignal()
+    try:
+        signal.raise_signal(signal.SIGINT)  # the first: remembered, the run saves at the step's end
+        assert stop.received == signal.SIGINT and exits == []
+        signal.raise_signal(signal.SIGINT)  # the second: out at once
+        assert exits == [130]
+    finally:
+        stop.restore()
+    out, err = capsys.readouterr()
+    assert "saving a checkpoint at the end of this step" in out and "second Ctrl-C" in err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def worker_pids(parent_pid: int) -> dict[int, int]:
@@ -337,9 +353,9 @@ def test_truncated_newest_checkpoint_is_skipped_with_warning(tiny_data, tmp_path
 def test_checkpoint_of_other_model_shape_is_refused(tiny_data, tmp_path, capsys):
     run = tmp_path / "run"
     assert train.main(flags(tiny_data, run, steps=5, every=5)) == 0
-    assert train.main(flags(tiny_data, run, steps=10, every=5, extra=["--n-layer", "3"])) == train.EXIT_ERROR
+    assert train.main(flags(tiny_data, run, steps=10, every=5, extra=["--n-layer", "3"])) == train.EXIT_CONFIG
     err = capsys.readouterr().err
-    assert "another model shape" in err and "n_layer: checkpoint 2, this run 3" in err
+    assert "--n-layer: 2 -> 3" in err and "--allow-changes" in err and "--out DIR" in err
 
 
 def test_checkpoint_with_other_format_version_is_refused(tiny_data, tmp_path):
@@ -396,19 +412,41 @@ def test_a_fresh_or_earlier_start_refuses_a_directory_holding_later_checkpoints(
     assert (run / "metrics.jsonl").read_bytes() == metrics_before
 
 
-def test_stop_signal_on_the_last_step_finishes_the_run(tiny_data, tmp_path, monkeypatch):
-    class SignalledAtOnce(train.StopSignal):
-        def __init__(self):
-            super().__init__()
-            self.received = signal.SIGTERM
+class SignalledAfterStartUp(train.StopSignal):
+    """A SIGTERM that arrives during the first step, after start-up."""
 
-    monkeypatch.setattr(train, "StopSignal", SignalledAtOnce)
+    @property
+    def received(self):
+        self.reads = getattr(self, "reads", 0) + 1
+        return None if self.reads == 1 else signal.SIGTERM
+
+    @received.setter
+    def received(self, value):
+        pass
+
+
+def test_stop_signal_on_the_last_step_finishes_the_run(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "StopSignal", SignalledAfterStartUp)
     run = tmp_path / "run"
     assert train.main(flags(tiny_data, run, steps=3, every=0)) == train.EXIT_PREEMPTED  # stops after step 0
     assert checkpoint.find_checkpoint(run).step == 1
     assert train.main(flags(tiny_data, run, steps=2, every=0)) == train.EXIT_OK  # step 1 is the last
     assert checkpoint.find_checkpoint(run).step == 2
     assert [r["step"] for r in read_metrics(run) if r["type"] == "eval"][-1] == 2
+
+
+def test_signal_during_start_up_stops_before_the_first_step(tiny_data, tmp_path, monkeypatch, capsys):
+    class SignalledAtOnce(train.StopSignal):
+        def __init__(self):
+            super().__init__()
+            self.received = signal.SIGINT
+
+    monkeypatch.setattr(train, "StopSignal", SignalledAtOnce)
+    run = tmp_path / "run"
+    assert train.main(flags(tiny_data, run, steps=3, every=0)) == train.EXIT_PREEMPTED
+    assert "stopped by a signal at step 0" in capsys.readouterr().out
+    assert checkpoint.find_checkpoint(run) is None
+    assert not [r for r in read_metrics(run) if r["type"] == "train"]
 
 
 def test_signal_handlers_are_put_back_when_training_returns(tiny_data, tmp_path):
