@@ -258,8 +258,11 @@ def _official_like_body() -> bytes:
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch) -> Path:
-    monkeypatch.setenv("HELLASWAG_CACHE_DIR", str(tmp_path / "cache"))
-    return tmp_path / "cache"
+    """The split's cache folder, inside tmp_path (both the project's cache variable and the
+    HellaSwag-only one point there)."""
+    monkeypatch.setenv("GPT2_TRAINER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HELLASWAG_CACHE_DIR", str(tmp_path / "cache" / "hellaswag"))
+    return Path(hellaswag.cache_dir())
 
 
 @pytest.mark.parametrize("how", ["connection_drops", "body_cut_short"])

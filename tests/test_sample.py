@@ -128,7 +128,22 @@ def test_a_folder_with_neither_checkpoints_nor_config_json_is_named(tmp_path, mo
     assert err.startswith(f"error: {tmp_path / 'run'} holds no checkpoint") and "config.json" in err
 
 
-def test_an_unreachable_hub_is_a_short_error_with_the_offline_hint(tmp_path):
+def test_an_unreachable_hub_is_one_error_with_the_offline_hint(monkeypatch, capsys):
+    def unreachable(*args, **kwargs):  # what transformers raises once the hub client gives up
+        raise OSError(
+            "We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find them in "
+            "the cached files.\nCheck your internet connection or see how to run the library in offline mode."
+        )
+
+    monkeypatch.setattr(GPT, "from_pretrained", unreachable)
+    assert sample.main([*FLAGS, "--init-from", "gpt2"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: could not load gpt2 from the Hugging Face hub: We couldn't connect")
+    assert err.count("\n") == 2 and "\nHINT: " in err and "HF_HUB_OFFLINE=1" in err
+
+
+@pytest.mark.slow
+def test_an_unreachable_hub_is_a_short_error_in_a_real_process(tmp_path):
     # HF_HUB_OFFLINE makes the hub client fail at once, as it does after its retries without network
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "TRANSFORMERS_"))}
     env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"))  # an empty cache
