@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from dataloader import DataError
 from files import fsync_dir, fsync_file, sha256_file, write_text_atomic
 from model import GPT, GPTConfig
-from runtime import Dist
+from runtime import ConfigError, Dist
 
 FORMAT_VERSION = 1
 CKPT_DIR_RE = re.compile(r"^step_(\d{8})$")
@@ -410,3 +410,45 @@ class Checkpointer:
 
 class CheckpointConflict(CheckpointError):
     """Checkpoints of another run stand where this run would write its own: a configuration error."""
+
+
+# ---- weights from anywhere: our runs, Hugging Face folders, the hub ----
+
+HUB_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+
+
+def load_pretrained(source: str, device: str | torch.device = "cpu") -> GPT:
+    """Our GPT from one of our run or checkpoint folders, a Hugging Face GPT-2 folder, or one
+    of OpenAI's GPT-2 sizes on the Hugging Face hub.
+
+    A source that is none of these raises runtime.ConfigError before anything is loaded: a
+    mistyped path would otherwise be taken for a hub name, and the hub client retries for
+    tens of seconds before failing. A hub that cannot be reached is a CheckpointError."""
+    path = Path(source)
+    if is_checkpoint_path(path):
+        return load_model(path, device)
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise ConfigError(
+            f"{source} holds no checkpoint (no checkpoints/step_*) and is no Hugging Face model folder "
+            "(no config.json). HINT: name a run folder that has saved a checkpoint, a checkpoint folder "
+            "(RUN/checkpoints/step_N), or a folder written by save_pretrained"
+        )
+    if not path.is_dir() and source not in HUB_MODELS:
+        what = "is a file, not a folder" if path.exists() else "does not exist"
+        raise ConfigError(
+            f"{source} {what}, and it is not one of the Hugging Face names {', '.join(HUB_MODELS)}. "
+            "HINT: check the path (runs are in runs/ unless --out said otherwise: ls runs)"
+        )
+    try:
+        return GPT.from_pretrained(source).to(device)
+    except ValueError as e:  # a GPT-2 variant this model would compute differently
+        raise ConfigError(str(e)) from e
+    except OSError as e:
+        if path.is_dir():
+            raise CheckpointError(f"could not read the Hugging Face model in {source}: {e}") from e
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"could not load {source} from the Hugging Face hub: {reason}\n"
+            "HINT: without network, load it once where there is network (it is cached in ~/.cache/huggingface, "
+            "or $HF_HOME) and set HF_HUB_OFFLINE=1; or pass a folder written by save_pretrained"
+        ) from e

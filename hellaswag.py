@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from runtime import setup_distributed, teardown_distributed
+from runtime import EXIT_CONFIG, EXIT_ERROR, EXIT_OK, ConfigError, setup_distributed, teardown_distributed
 
 if TYPE_CHECKING:
     from model import GPTConfig
@@ -268,18 +268,27 @@ def score_rows(
     device: str | torch.device,
     rows_per_batch: int,
     autocast_dtype: torch.dtype | None = None,
+    progress: bool = False,
 ) -> torch.Tensor:
-    """Summed loss of each row's ending tokens, as a CPU float32 tensor in the order of rows."""
+    """Summed loss of each row's ending tokens, as a CPU float32 tensor in the order of rows.
+    progress: a progress bar (in items, four rows each) when stderr is a terminal."""
+    from tqdm import tqdm
+
     device = torch.device(device)
     batches, order = _make_batches(
         rows, starts, rows_per_batch, _gpt_config(model).block_size, pin=device.type == "cuda"
     )
     sums = []
-    with _autocast(device, autocast_dtype):
+    bar = tqdm(
+        total=len(rows) // NUM_ENDINGS, desc="hellaswag", unit="item", disable=not (progress and sys.stderr.isatty())
+    )
+    with bar, _autocast(device, autocast_dtype):
         for idx, targets, n in batches:
             idx, targets = idx.to(device, non_blocking=True), targets.to(device, non_blocking=True)
             loss = model(idx, targets, reduction="none")[1]
             sums.append(loss[:n].float().sum(dim=1))
+            # (on a GPU the host runs a few batches ahead of the device: the bar leads a little)
+            bar.update(n // NUM_ENDINGS)
     by_order = torch.cat(sums).cpu() if sums else torch.zeros(0)  # the one device-to-host copy
     result = torch.empty(len(rows))
     result[torch.tensor(order, dtype=torch.long)] = by_order
@@ -295,6 +304,7 @@ def evaluate(
     world_size: int = 1,
     autocast_dtype: torch.dtype | None = None,
     tokenizer: Tokenizer | None = None,
+    progress: bool = False,
 ) -> dict:
     """{"acc", "acc_norm", "num_examples"} of model on examples, batch_size items per forward pass.
 
@@ -303,7 +313,9 @@ def evaluate(
     and the batch size change only which items share a forward pass, never the counting; the
     scores themselves can differ in the last bits with the batch shape, which matters only for
     endings whose losses tie to rounding. tokenizer defaults to GPT-2's; it needs only `encode`.
-    The model is put in eval mode and returned to the mode it was in.
+    The model is put in eval mode and returned to the mode it was in. progress (for one rank):
+    a progress bar of this rank's items on a terminal, else a line when scoring starts and one
+    when it ends, on stderr.
     """
     if not examples:
         raise ValueError("no examples to evaluate")
@@ -324,13 +336,20 @@ def evaluate(
         rows += r
         starts += s
 
+    log = progress and not sys.stderr.isatty()  # a log file gets two lines, not a bar's redraws
+    if log:
+        share = f", {len(local)} on this rank" if world_size > 1 else ""
+        print(f"hellaswag: scoring {len(examples)} items{share}", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            sums = score_rows(model, rows, starts, device, NUM_ENDINGS * batch_size, autocast_dtype)
+            sums = score_rows(model, rows, starts, device, NUM_ENDINGS * batch_size, autocast_dtype, progress)
     finally:
         model.train(was_training)
+    if log:
+        print(f"hellaswag: scored {len(local)} items in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
 
     sums = sums.view(-1, NUM_ENDINGS)
     n_tokens = torch.tensor([len(r) - s for r, s in zip(rows, starts, strict=True)], dtype=torch.float32)
@@ -400,7 +419,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="one of this project's checkpoints: a checkpoint directory, or a run directory (its latest checkpoint)",
     )
-    p.add_argument("--device", default="auto", help="cuda, mps, cpu, or auto (the best present)")
+    p.add_argument("--device", default="auto", help="cuda, cuda:N, mps, cpu, or auto (the best present)")
     p.add_argument(
         "--data-file",
         default=None,
@@ -420,19 +439,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.model_type is None and args.checkpoint is None:
         args.model_type = "gpt2"
+    check_args(args)
     return args
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Every flag that cannot work, before a model is loaded or the split downloaded."""
+    errors = []
+    if args.limit is not None and args.limit < 1:
+        errors.append(f"--limit must be >= 1, got {args.limit}")
+    if args.batch_size < 1:
+        errors.append(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.data_file is not None and not Path(args.data_file).is_file():
+        errors.append(f"--data-file {args.data_file} is not a file")
+    if args.checkpoint is not None and not Path(args.checkpoint).is_dir():
+        errors.append(
+            f"--checkpoint {args.checkpoint} is not a folder. HINT: name a run folder (runs/NAME) or one of "
+            "its checkpoints (runs/NAME/checkpoints/step_N)"
+        )
+    if errors:
+        raise ConfigError("\n".join(errors))
+
+
 def _load_model(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
+    from checkpoint import load_model, load_pretrained
+
     if args.checkpoint is not None:
-        from checkpoint import load_model
-
-        model = load_model(args.checkpoint, device=str(device))
-    else:
-        from model import GPT
-
-        model = GPT.from_pretrained(args.model_type)
-    return model.to(device)
+        return load_model(args.checkpoint, device=str(device))
+    return load_pretrained(args.model_type, device)
 
 
 def run(argv: list[str] | None = None) -> dict:
@@ -453,7 +487,9 @@ def run(argv: list[str] | None = None) -> dict:
             examples = load_examples(args.data_file, args.limit)
         dtype = torch.bfloat16 if args.dtype == "bfloat16" else None
         t0 = time.perf_counter()
-        result = evaluate(model, examples, device, args.batch_size, rank, world_size, autocast_dtype=dtype)
+        result = evaluate(
+            model, examples, device, args.batch_size, rank, world_size, autocast_dtype=dtype, progress=rank == 0
+        )
         elapsed = time.perf_counter() - t0
         if rank == 0:
             if args.json:
@@ -476,12 +512,17 @@ def main(argv: list[str] | None = None) -> int:
     from checkpoint import CheckpointError
     from tokenizer import TokenizerError
 
+    # under torchrun every rank may report; the prefix says which
+    where = f"[rank {os.environ.get('RANK', '?')}] " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
     try:
         run(argv)
+    except ConfigError as e:
+        print(f"{where}error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
     except (HellaSwagError, CheckpointError, TokenizerError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+        print(f"{where}error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    return EXIT_OK
 
 
 if __name__ == "__main__":

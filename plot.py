@@ -1,6 +1,11 @@
 """Draw training and validation loss of one or more runs into a PNG (needs matplotlib).
 
-python plot.py runs/a runs/b --output losses.png      # or: python train.py --plot runs/a runs/b
+    python plot.py                                  # the newest run in runs/ -> runs/NAME/losses.png
+    python plot.py runs/a runs/b --output ab.png    # or: python train.py --plot runs/a runs/b
+
+Training losses are a line. Validation losses are markers joined by a faint dotted line:
+they are measured only every --eval-every steps, and a solid line between two of them would
+read as measurements that were never made.
 """
 
 from __future__ import annotations
@@ -10,6 +15,11 @@ import json
 import sys
 from pathlib import Path
 
+from runtime import EXIT_CONFIG, EXIT_ERROR, EXIT_OK, ConfigError
+
+RUNS = Path("runs")  # where train.py puts a run unless --out says otherwise
+OUTPUT_NAME = "losses.png"
+
 
 def read_metrics(run_dir: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
     train, val = [], []
@@ -17,7 +27,7 @@ def read_metrics(run_dir: Path) -> tuple[list[tuple[int, float]], list[tuple[int
         try:
             record = json.loads(line)
         except ValueError:
-            continue
+            continue  # a line cut short by a crash: the rest still plots
         if record.get("type") == "train" and not record.get("skipped"):
             train.append((record["step"], record["loss"]))
         elif record.get("type") == "eval":
@@ -25,37 +35,85 @@ def read_metrics(run_dir: Path) -> tuple[list[tuple[int, float]], list[tuple[int
     return train, val
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", help="run directories (each with a metrics.jsonl)")
-    parser.add_argument("--output", default="losses.png", help="PNG file to write")
-    args = parser.parse_args(argv)
+def newest_run(root: Path = RUNS) -> Path:
+    """The run folder under root whose metrics.jsonl was written last."""
+    runs = [path.parent for path in root.glob("*/metrics.jsonl")]
+    if not runs:
+        raise ConfigError(
+            f"no run to plot: {root}/ holds no run folder with a metrics.jsonl. "
+            "HINT: name the run folders, python plot.py RUN [RUN ...]"
+        )
+    return max(runs, key=lambda run: (run / "metrics.jsonl").stat().st_mtime)
+
+
+def check_runs(runs: list[Path]) -> None:
+    missing = [run for run in runs if not (run / "metrics.jsonl").is_file()]
+    if missing:
+        raise ConfigError(
+            f"no metrics.jsonl in {', '.join(map(str, missing))}. HINT: name run folders, the --out of train.py"
+        )
+
+
+def import_pyplot():
     try:
         import matplotlib
 
-        matplotlib.use("Agg")
+        matplotlib.use("Agg")  # files only: no display needed
         import matplotlib.pyplot as plt
-    except ImportError:
-        print("error: plotting needs matplotlib: pip install matplotlib (or the 'plot' extra)", file=sys.stderr)
-        return 1
+    except ImportError as e:
+        raise ConfigError(
+            "plotting needs matplotlib, which is not installed. "
+            'HINT: pip install matplotlib (or pip install -e ".[plot]")'
+        ) from e
+    return plt
+
+
+def draw(runs: list[Path], output: Path, plt) -> None:
     fig, ax = plt.subplots(figsize=(8, 5))
-    for run in map(Path, args.runs):
-        if not (run / "metrics.jsonl").is_file():
-            print(f"error: {run / 'metrics.jsonl'} not found", file=sys.stderr)
-            return 1
+    for run in runs:
         train, val = read_metrics(run)
+        color = None
         if train:
             (line,) = ax.plot(*zip(*train), alpha=0.6, label=f"{run.name} train")
-            if val:
-                ax.plot(*zip(*val), "o-", color=line.get_color(), label=f"{run.name} val")
+            color = line.get_color()
+        if val:
+            ax.plot(*zip(*val), "o:", color=color, markersize=4, linewidth=0.8, label=f"{run.name} val")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(args.output, dpi=120)
-    print(f"wrote {args.output}")
-    return 0
+    fig.savefig(output, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "runs", nargs="*", type=Path, help=f"run folders, each with a metrics.jsonl (default: the newest in {RUNS}/)"
+    )
+    parser.add_argument(
+        "--output", type=Path, default=None, help=f"PNG to write (default: {OUTPUT_NAME} in the first run folder)"
+    )
+    args = parser.parse_args(argv)
+    try:
+        runs = args.runs
+        if not runs:
+            runs = [newest_run()]
+            print(f"plotting {runs[0]}, the newest run in {RUNS}/")
+        check_runs(runs)
+        plt = import_pyplot()
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    output = args.output or runs[0] / OUTPUT_NAME
+    try:
+        draw(runs, output, plt)
+    except OSError as e:
+        print(f"error: could not write {output}: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    print(f"wrote {output}")
+    return EXIT_OK
 
 
 if __name__ == "__main__":

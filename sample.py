@@ -8,25 +8,21 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 import torch
 
-from model import GPT
+from runtime import EXIT_CONFIG, EXIT_ERROR, EXIT_OK, ConfigError, resolve_device
 
 
-def load_for_sampling(init_from: str, device: torch.device) -> GPT:
-    import checkpoint
-
-    if checkpoint.is_checkpoint_path(init_from):
-        return checkpoint.load_model(init_from, device)
-    return GPT.from_pretrained(init_from).to(device)
-
-
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--init-from", default="gpt2", help="Hugging Face GPT-2 name or directory, or our checkpoint / run directory"
+        "--init-from",
+        default="gpt2",
+        help="gpt2, gpt2-medium, gpt2-large or gpt2-xl (Hugging Face hub), a Hugging Face GPT-2 folder, "
+        "or one of our run or checkpoint folders",
     )
     parser.add_argument("--prompt", default="Hello, I'm a language model,", help="text to continue")
     parser.add_argument("--num-samples", type=int, default=4, help="how many continuations")
@@ -34,34 +30,68 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (0: greedy)")
     parser.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0: all)")
     parser.add_argument("--seed", type=int, default=42, help="random seed: same seed, same samples")
-    parser.add_argument("--device", default="auto", help="cuda, mps, cpu or auto")
+    parser.add_argument("--device", default="auto", help="cuda, cuda:N, mps, cpu or auto")
     parser.add_argument("--tokenizer", default="gpt2", help="tokenizer the model was trained with")
     args = parser.parse_args(argv)
-    if args.num_samples < 1 or args.max_new_tokens < 0 or args.top_k < 0 or args.temperature < 0:
-        parser.error("--num-samples must be >= 1; --max-new-tokens, --top-k and --temperature >= 0")
+    check_args(args)
+    return args
 
-    from runtime import resolve_device
+
+def check_args(args: argparse.Namespace) -> None:
+    """Every flag's range, before a model is loaded; all the mistakes at once."""
+    errors = []
+    if args.num_samples < 1:
+        errors.append(f"--num-samples must be >= 1, got {args.num_samples}")
+    for name in ("max_new_tokens", "top_k"):
+        if getattr(args, name) < 0:
+            errors.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if not 0 <= args.temperature < math.inf:  # (also false for NaN)
+        errors.append(f"--temperature must be >= 0 and finite, got {args.temperature}")
+    if not 0 <= args.seed < 2**64:  # what torch.Generator.manual_seed accepts
+        errors.append(f"--seed must be in [0, 2**64), got {args.seed}")
+    if errors:
+        raise ConfigError("\n".join(errors))
+
+
+def generate(args: argparse.Namespace) -> list[str]:
+    """The prompt and its continuations, one string per sample."""
+    from checkpoint import load_pretrained
     from tokenizer import get_tokenizer
 
     device = resolve_device(args.device)
-    model = load_for_sampling(args.init_from, device).eval()
-    tok = get_tokenizer(args.tokenizer)
+    tok = get_tokenizer(args.tokenizer)  # before the model: it is the quicker to fail
+    model = load_pretrained(args.init_from, device).eval()
     if tok.vocab_size > model.config.vocab_size:
-        print(
-            f"error: the tokenizer {args.tokenizer!r} has {tok.vocab_size:,} ids, the model only "
-            f"{model.config.vocab_size:,}. HINT: pass the --tokenizer the model was trained with",
-            file=sys.stderr,
+        raise ConfigError(
+            f"the tokenizer {args.tokenizer!r} has {tok.vocab_size:,} ids, the model only "
+            f"{model.config.vocab_size:,}. HINT: pass the --tokenizer the model was trained with"
         )
-        return 2
     prompt = tok.encode(args.prompt) or [tok.eot_id]
     idx = torch.tensor([prompt] * args.num_samples, dtype=torch.long, device=device)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     out = model.generate(
         idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None, generator=gen
     )
-    for i, row in enumerate(out.tolist()):
-        print(f"> sample {i}: {tok.decode(row)}")
-    return 0
+    return [tok.decode(row) for row in out.tolist()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from checkpoint import CheckpointError
+    from tokenizer import TokenizerError
+
+    try:
+        samples = generate(parse_args(argv))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except (CheckpointError, TokenizerError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    for i, text in enumerate(samples):
+        # the text as written, newlines included: a sample is read, not parsed
+        print(f"---- sample {i + 1} of {len(samples)} ----")
+        print(text)
+    return EXIT_OK
 
 
 if __name__ == "__main__":

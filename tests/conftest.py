@@ -1,5 +1,7 @@
-"""Shared test fixtures. Tests never touch the network; the real corpora in ../shared/data
-are used when present and the tests that need them skip otherwise."""
+"""Shared test fixtures and stand-ins, one of each: the project root, the shared data folder,
+a tiny Hugging Face GPT-2, a fake HTTP response, prepared shards. Tests never touch the
+network; the real corpora in ../shared/data are used when present and the tests that need
+them skip otherwise. (tests/runs.py runs processes: train.py, torchrun, gloo groups.)"""
 
 from __future__ import annotations
 
@@ -34,17 +36,50 @@ def shared_file(relative: str) -> Path:
     return path
 
 
-@pytest.fixture
-def hf_gpt2_dir(tmp_path):
-    """A small random Hugging Face GPT2LMHeadModel saved to a directory."""
+def save_tiny_hf_gpt2(path: Path, **config) -> Path:
+    """A small random Hugging Face GPT2LMHeadModel with GPT-2's vocabulary saved to path (seeded:
+    the same weights every time); keyword arguments override GPT2Config's fields."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=4)
-    model = GPT2LMHeadModel(config).eval()
-    out = tmp_path / "hf_tiny_gpt2"
-    model.save_pretrained(out)
-    return out
+    defaults = dict(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=4)
+    GPT2LMHeadModel(GPT2Config(**{**defaults, **config})).eval().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def hf_gpt2_dir(tmp_path_factory) -> Path:
+    """save_tiny_hf_gpt2's defaults, saved once for the session; tests only read it."""
+    return save_tiny_hf_gpt2(tmp_path_factory.mktemp("hf_tiny_gpt2"))
+
+
+class FakeResponse:
+    """Stands in for a streamed `requests` response (`requests.get(url, stream=True)`): body in
+    pieces of `piece` bytes, a connection that drops once `fail_at` bytes have been sent, or an
+    HTTP error status."""
+
+    def __init__(self, body: bytes, piece: int = 65536, fail_at: int | None = None, status: int = 200):
+        self.body, self.piece, self.fail_at, self.status_code = body, piece, fail_at, status
+
+    def __enter__(self) -> FakeResponse:
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        return False
+
+    def raise_for_status(self) -> None:
+        import requests
+
+        if self.status_code >= 400:
+            raise requests.HTTPError(f"{self.status_code} error", response=self)
+
+    def iter_content(self, chunk_size: int | None = None, decode_unicode: bool = False):
+        import requests
+
+        for start in range(0, len(self.body), self.piece):
+            if self.fail_at is not None and start >= self.fail_at:
+                raise requests.ConnectionError("connection reset by peer")
+            yield self.body[start : start + self.piece]
 
 
 def _synthetic_text(n_docs: int = 400) -> str:

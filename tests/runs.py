@@ -1,44 +1,24 @@
-"""Helpers for tests that run train.py: in-process, as a subprocess, or under torchrun."""
+"""Helpers for tests that run processes: train.py as a subprocess or under torchrun, and
+functions in a group of gloo processes."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import ROOT
 
 # A model and batch small enough for a step to take milliseconds on a CPU.
-TINY = [
-    "--model",
-    "tiny",
-    "--n-layer",
-    "2",
-    "--n-embd",
-    "64",
-    "--n-head",
-    "2",
-    "--seq-len",
-    "32",
-    "--batch-size",
-    "4",
-    "--device",
-    "cpu",
-    "--no-compile",
-    "--eval-tokens",
-    "512",
-    "--sample-tokens",
-    "4",
-    "--num-samples",
-    "1",
-    "--warmup-steps",
-    "2",
-    "--lr",
-    "3e-3",
-]
+TINY = (
+    "--model tiny --n-layer 2 --n-embd 64 --n-head 2 --seq-len 32 --batch-size 4 --device cpu --no-compile "
+    "--eval-tokens 512 --sample-tokens 4 --num-samples 1 --warmup-steps 2 --lr 3e-3"
+).split()
 
 
 def free_port() -> int:
@@ -94,3 +74,29 @@ def train_losses(run_dir: Path) -> dict[int, float]:
             assert record["step"] not in losses, f"step {record['step']} logged twice"
             losses[record["step"]] = record["loss"]
     return losses
+
+
+# ---- a group of gloo processes ----
+
+
+def spawn_gloo(fn: Callable, nprocs: int, tmp_path: Path, *args) -> None:
+    """Run fn(rank, world_size, *args) in nprocs processes joined in a gloo process group (one
+    CPU thread each); raises if any of them fails. fn must be a module-level function (it is
+    pickled by name into the new processes)."""
+    import torch.multiprocessing as mp
+
+    store = tmp_path / "gloo_store"  # a file rendezvous: no port to pick, nothing left listening
+    mp.spawn(_gloo_worker, args=(fn, nprocs, str(store), args), nprocs=nprocs)
+
+
+def _gloo_worker(rank: int, fn: Callable, world_size: int, store: str, args: tuple) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)  # several processes on a small CPU
+    timeout = datetime.timedelta(seconds=120)  # a rank left waiting fails the test instead of hanging it
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size, timeout=timeout)
+    try:
+        fn(rank, world_size, *args)
+    finally:
+        dist.destroy_process_group()

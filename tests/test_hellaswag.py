@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import shutil
@@ -13,14 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
+import checkpoint
 import hellaswag
-from conftest import requires_gpu
+from conftest import ROOT, SHARED_DATA, FakeResponse, requires_gpu, save_tiny_hf_gpt2
 from hellaswag import HELLASWAG_VAL_EXAMPLES, evaluate, evaluate_one_at_a_time, load_examples, render_example
 from model import GPT, GPTConfig
+from runs import spawn_gloo
 from tokenizer import get_tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED_FILE = ROOT.parent / "shared" / "data" / "hellaswag" / "hellaswag_val_derived.jsonl"
+SHARED_FILE = SHARED_DATA / "hellaswag" / "hellaswag_val_derived.jsonl"
 N_ITEMS = 64  # of the shared file, when present: enough for several batches, quick on a CPU
 
 HANDFUL = [
@@ -162,39 +162,19 @@ def test_accuracy_is_the_same_for_batch_size_1_and_32(examples, folded):
     assert one == many
 
 
-def _gloo_rank(rank: int, world_size: int, store: str, weights: str, data_file: str, out_dir: str) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)  # two processes on a small CPU
-    # a bounded wait: a rank that never arrives fails the test instead of hanging it
-    timeout = datetime.timedelta(seconds=120)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size, timeout=timeout)
-    try:
-        model = tiny_model()
-        model.load_state_dict(torch.load(weights))
-        result = evaluate(
-            model,
-            load_examples(data_file, limit=N_ITEMS),
-            "cpu",
-            batch_size=8,
-            rank=rank,
-            world_size=world_size,
-            tokenizer=FoldedTokenizer(),
-        )
-        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
-    finally:
-        dist.destroy_process_group()
+def _evaluate_on_rank(rank: int, world_size: int, weights: str, data_file: str, out_dir: str) -> None:
+    model = tiny_model()
+    model.load_state_dict(torch.load(weights))
+    examples = load_examples(data_file, limit=N_ITEMS)
+    result = evaluate(model, examples, "cpu", 8, rank, world_size, tokenizer=FoldedTokenizer())
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
 
 
 def test_accuracy_is_the_same_for_one_and_two_gloo_processes(tmp_path, data_file, examples, folded):
     model = tiny_model()
     torch.save(model.state_dict(), tmp_path / "weights.pt")
     single = evaluate(model, examples, "cpu", batch_size=8, tokenizer=folded)
-    torch.multiprocessing.spawn(
-        _gloo_rank,
-        args=(2, str(tmp_path / "store"), str(tmp_path / "weights.pt"), str(data_file), str(tmp_path)),
-        nprocs=2,
-    )
+    spawn_gloo(_evaluate_on_rank, 2, tmp_path, str(tmp_path / "weights.pt"), str(data_file), str(tmp_path))
     for rank in range(2):
         assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == single
 
@@ -204,14 +184,9 @@ def test_accuracy_is_the_same_for_one_and_two_gloo_processes(tmp_path, data_file
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory) -> Path:
-    """A small random GPT-2 with the real vocabulary, saved the way `save_pretrained` does."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=50257, n_positions=256, n_embd=32, n_layer=2, n_head=2)
-    path = tmp_path_factory.mktemp("hf_gpt2")
-    GPT2LMHeadModel(config).save_pretrained(path)
-    return path
+    """The tiny Hugging Face GPT-2 with a window of 256, room for any HellaSwag item: the
+    reference below runs Hugging Face's forward pass on whole rows, never cut to a window."""
+    return save_tiny_hf_gpt2(tmp_path_factory.mktemp("hf_gpt2"), n_positions=256)
 
 
 def _accuracy_from_hf_logits(hf_model, examples: list[dict]) -> dict:
@@ -236,37 +211,32 @@ def _accuracy_from_hf_logits(hf_model, examples: list[dict]) -> dict:
 def test_hf_directory_through_cli_matches_from_pretrained(hf_dir, data_file, capsys):
     from transformers import GPT2LMHeadModel
 
-    limit = 16
-    cli = hellaswag.run(
-        ["--model_type", str(hf_dir), "--device", "cpu", "--data-file", str(data_file), "--limit", str(limit),
-         "--batch-size", "4", "--json"]
-    )  # fmt: skip
+    source = ["--model_type", str(hf_dir), "--data-file", str(data_file)]
+    cli = hellaswag.run([*source, *"--device cpu --limit 16 --batch-size 4 --json".split()])
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed == cli
-    examples = load_examples(data_file, limit=limit)
+    examples = load_examples(data_file, limit=16)
     ours = evaluate(GPT.from_pretrained(str(hf_dir)), examples, "cpu", batch_size=4)
     assert cli == ours
     assert ours == _accuracy_from_hf_logits(GPT2LMHeadModel.from_pretrained(hf_dir).eval(), examples)
 
 
 def test_checkpoint_through_cli_matches_evaluate(tmp_path, data_file, capsys):
-    import checkpoint
-
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=256, n_layer=2, n_head=2, n_embd=32))
-    checkpoint.save_checkpoint(tmp_path / "run", 5, model, {}, {})
-    cli = hellaswag.run(
-        ["--checkpoint", str(tmp_path / "run"), "--device", "cpu", "--data-file", str(data_file), "--limit", "16",
-         "--batch-size", "4"]
-    )  # fmt: skip
-    assert "acc_norm" in capsys.readouterr().out
+    run_dir = tmp_path / "run"
+    checkpoint.save_checkpoint(run_dir, 5, model, {}, {})
+    source = ["--checkpoint", str(run_dir), "--data-file", str(data_file)]
+    cli = hellaswag.run([*source, *"--device cpu --limit 16 --batch-size 4".split()])
     assert cli == evaluate(model, load_examples(data_file, limit=16), "cpu", batch_size=4)
+    printed = capsys.readouterr().out.strip().splitlines()[-1]
+    assert printed.startswith(f"hellaswag {run_dir}: 16 items, acc {cli['acc']:.4f}, acc_norm {cli['acc_norm']:.4f} (")
 
 
 @pytest.mark.slow
 def test_cli_under_torchrun_with_two_processes_matches_one(hf_dir, data_file, tmp_path):
-    common = ["--model_type", str(hf_dir), "--device", "cpu", "--data-file", str(data_file), "--limit", "40"]
-    common += ["--batch-size", "4", "--json"]
+    common = ["--model_type", str(hf_dir), "--data-file", str(data_file)]
+    common += "--device cpu --limit 40 --batch-size 4 --json".split()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     out = subprocess.run(
@@ -281,51 +251,29 @@ def test_cli_under_torchrun_with_two_processes_matches_one(hf_dir, data_file, tm
 # ---- the download ----
 
 
-class _FakeResponse:
-    """Stands in for a streamed `requests` response: yields chunks, or fails after some of them."""
-
-    def __init__(self, chunks: list[bytes], fail_after: int | None = None):
-        self.chunks, self.fail_after = chunks, fail_after
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> bool:
-        return False
-
-    def raise_for_status(self) -> None:
-        pass
-
-    def iter_content(self, chunk_size: int):
-        import requests
-
-        for i, chunk in enumerate(self.chunks):
-            if i == self.fail_after:
-                raise requests.ConnectionError("connection reset by peer")
-            yield chunk
-
-
-def _official_like_chunks() -> list[bytes]:
+def _official_like_body() -> bytes:
     line = json.dumps({"ctx": "A context.", "endings": ["a.", "b.", "c.", "d."], "label": 1}) + "\n"
-    body = (line * HELLASWAG_VAL_EXAMPLES).encode()
-    return [body[i : i + 65536] for i in range(0, len(body), 65536)]
+    return (line * HELLASWAG_VAL_EXAMPLES).encode()
 
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch) -> Path:
-    monkeypatch.setenv("HELLASWAG_CACHE_DIR", str(tmp_path / "cache"))
-    return tmp_path / "cache"
+    """The split's cache folder, inside tmp_path (both the project's cache variable and the
+    HellaSwag-only one point there)."""
+    monkeypatch.setenv("GPT2_TRAINER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HELLASWAG_CACHE_DIR", str(tmp_path / "cache" / "hellaswag"))
+    return Path(hellaswag.cache_dir())
 
 
 @pytest.mark.parametrize("how", ["connection_drops", "body_cut_short"])
 def test_failed_download_leaves_no_cached_file(cache, monkeypatch, how):
     import requests
 
-    chunks = _official_like_chunks()
+    body = _official_like_body()
     if how == "connection_drops":
-        response = _FakeResponse(chunks, fail_after=len(chunks) // 2)
+        response = FakeResponse(body, fail_at=len(body) // 2)
     else:
-        response = _FakeResponse(chunks[: len(chunks) // 2])
+        response = FakeResponse(body[: len(body) // 2])
     monkeypatch.setattr(requests, "get", lambda *args, **kwargs: response)
     with pytest.raises(hellaswag.HellaSwagError, match="HINT"):
         load_examples()
@@ -335,7 +283,7 @@ def test_failed_download_leaves_no_cached_file(cache, monkeypatch, how):
 def test_download_is_cached_and_reused(cache, monkeypatch):
     import requests
 
-    monkeypatch.setattr(requests, "get", lambda *args, **kwargs: _FakeResponse(_official_like_chunks()))
+    monkeypatch.setattr(requests, "get", lambda *args, **kwargs: FakeResponse(_official_like_body()))
     assert len(load_examples()) == HELLASWAG_VAL_EXAMPLES
     assert [p.name for p in cache.iterdir()] == ["hellaswag_val.jsonl"]
 
@@ -382,13 +330,76 @@ def test_bf16_compiled_on_gpu_agrees_with_one_at_a_time_loop(data_file):
 
 
 def test_command_line_reports_bad_data_without_a_traceback(tmp_path, capsys, hf_gpt2_dir):
+    model = ["--model_type", str(hf_gpt2_dir), "--device", "cpu"]
     missing = tmp_path / "missing.jsonl"
-    assert hellaswag.main(["--model_type", str(hf_gpt2_dir), "--device", "cpu", "--data-file", str(missing)]) == 1
-    assert str(missing) in capsys.readouterr().err
+    assert hellaswag.main([*model, "--data-file", str(missing)]) == 2  # a mistyped name: the user's mistake
+    assert capsys.readouterr().err == f"error: --data-file {missing} is not a file\n"
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"ctx": "A", "endings": ["a", "b", "c", "d"], "label": 1}\nnot json\n')
-    assert hellaswag.main(["--model_type", str(hf_gpt2_dir), "--device", "cpu", "--data-file", str(bad)]) == 1
-    assert f"{bad}:2: not a JSON object" in capsys.readouterr().err
+    assert hellaswag.main([*model, "--data-file", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert f"error: {bad}:2: not a JSON object" in err and "Traceback" not in err
+
+
+# ---- mistakes: one clear error, exit code 2, nothing loaded ----
+
+
+def nothing_loaded(*args, **kwargs):
+    raise AssertionError("the command line should have been refused before any model was loaded")
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    monkeypatch.setattr(checkpoint, "load_model", nothing_loaded)
+    monkeypatch.setattr(GPT, "from_pretrained", nothing_loaded)  # and no look-up on the hub
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        ("--limit 0", "--limit must be >= 1, got 0"),
+        ("--batch-size 0", "--batch-size must be >= 1, got 0"),
+        ("--checkpoint runs/typo", "--checkpoint runs/typo is not a folder. HINT: "),
+        ("--model_type runs/typo", "runs/typo does not exist, and it is not one of the Hugging Face names"),
+        ("--model_type gpt2-small", "gpt2-small does not exist, and it is not one of the Hugging Face names"),
+    ],
+)
+def test_a_bad_flag_is_one_error_before_any_work(flags, message, data_file, tmp_path, monkeypatch, no_loading, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert hellaswag.main([*flags.split(), "--device", "cpu", "--data-file", str(data_file)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a CUDA GPU")
+def test_device_cuda_without_a_gpu_is_a_config_error(data_file, no_loading, capsys):
+    assert hellaswag.main(["--device", "cuda", "--data-file", str(data_file)]) == 2
+    assert capsys.readouterr().err.startswith("error: --device cuda, but torch sees no CUDA GPU")
+
+
+# ---- progress ----
+
+
+def test_progress_in_a_log_file_is_a_line_at_the_start_and_one_at_the_end(examples, folded, capsys):
+    evaluate(tiny_model(), examples, "cpu", batch_size=8, tokenizer=folded, progress=True)
+    lines = capsys.readouterr().err.splitlines()  # capsys's stderr is no terminal
+    assert len(lines) == 2, lines
+    assert lines[0] == f"hellaswag: scoring {len(examples)} items"
+    assert lines[1].startswith(f"hellaswag: scored {len(examples)} items in ")
+
+
+def test_progress_on_a_terminal_is_a_bar_that_reaches_every_item(examples, folded, monkeypatch, capsys):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    evaluate(tiny_model(), examples, "cpu", batch_size=8, tokenizer=folded, progress=True)
+    err = capsys.readouterr().err
+    assert "hellaswag: 100%" in err and f"{len(examples)}/{len(examples)}" in err
+    assert "scored" not in err  # the bar alone
+
+
+def test_no_progress_unless_asked(examples, folded, capsys):
+    # train.py calls evaluate between steps: its log stays its own
+    evaluate(tiny_model(), examples, "cpu", batch_size=8, tokenizer=folded)
+    assert capsys.readouterr().err == ""
 
 
 def test_benchmark_times_both_paths_and_they_agree_in_fp32(data_file, capsys):

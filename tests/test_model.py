@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from conftest import requires_gpu
+from conftest import requires_gpu, save_tiny_hf_gpt2
 from model import GPT, PRESETS, GPTConfig, config_from_preset
 
 
@@ -158,10 +158,7 @@ def test_from_pretrained_matches_transformers_logits(hf_gpt2_dir):
     ],
 )
 def test_from_pretrained_refuses_variants_it_would_compute_differently(tmp_path, variant):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    config = GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=1, n_head=2, **variant)
-    GPT2LMHeadModel(config).save_pretrained(tmp_path)
+    save_tiny_hf_gpt2(tmp_path, vocab_size=64, n_positions=16, n_layer=1, **variant)
     key = next(iter(variant))
     with pytest.raises(ValueError, match=f"not a GPT-2 this model can load: {key}="):
         GPT.from_pretrained(str(tmp_path))

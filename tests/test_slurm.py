@@ -22,17 +22,17 @@ from pathlib import Path
 
 import pytest
 
-from runs import ROOT, train_losses
+from conftest import ROOT
+from runs import train_losses
 
 pytestmark = pytest.mark.slurm
 
 NPROC = 2
 STEPS = 30
-TRAIN_FLAGS = [
-    *"--model tiny --seq-len 64 --batch-size 4 --eval-every 0 --checkpoint-every 0".split(),
-    *"--sample-tokens 4 --num-samples 1 --seed 1 --no-compile".split(),
-    *["--max-steps", str(STEPS)],
-]
+TRAIN_FLAGS = (
+    "--model tiny --seq-len 64 --batch-size 4 --eval-every 0 --checkpoint-every 0 "
+    f"--sample-tokens 4 --num-samples 1 --seed 1 --no-compile --max-steps {STEPS}"
+).split()
 FINAL_STATES = set("COMPLETED FAILED CANCELLED TIMEOUT NODE_FAIL OUT_OF_MEMORY BOOT_FAIL DEADLINE PREEMPTED".split())
 SETUP_HINT = "`sudo bash tests/slurm_setup.sh` starts a one-node cluster on localhost"
 
@@ -92,17 +92,12 @@ def submit(script: str, tmp_path: Path, data: Path, sbatch_flags: tuple[str, ...
         PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
     )
     cmd = [
-        "sbatch",
-        "--parsable",
+        *f"sbatch --parsable --time=15 --gpus-per-node=0 --cpus-per-task={NPROC}".split(),
         f"--job-name={job_name}",
         f"--output={log}",
-        "--time=15",
-        "--gpus-per-node=0",
-        f"--cpus-per-task={NPROC}",
         *sbatch_flags,
         str(ROOT / "launch" / script),
-        "--data",
-        str(data),
+        *["--data", str(data)],
         *TRAIN_FLAGS,
     ]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)

@@ -1,0 +1,105 @@
+"""plot.py: which run it draws, where the PNG goes, how validation points look, and its errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+import plot
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def write_run(run: Path, train_steps: range, eval_steps: range = range(0)) -> Path:
+    run.mkdir(parents=True)
+    records = [{"type": "run"}]
+    records += [{"type": "train", "step": s, "loss": 5.0 - s / 100} for s in train_steps]
+    records += [{"type": "eval", "step": s, "val_loss": 5.1 - s / 100} for s in eval_steps]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return run
+
+
+@pytest.fixture
+def pyplot():
+    return pytest.importorskip("matplotlib.pyplot")
+
+
+@pytest.fixture
+def drawn_lines(pyplot, monkeypatch) -> list:
+    """The lines of the figures plot.py draws, kept open to be looked at."""
+    figures = []
+    real_subplots, real_close = pyplot.subplots, pyplot.close
+
+    def subplots(*args, **kwargs):
+        fig, ax = real_subplots(*args, **kwargs)
+        figures.append(fig)
+        return fig, ax
+
+    monkeypatch.setattr(pyplot, "subplots", subplots)
+    monkeypatch.setattr(pyplot, "close", lambda fig: None)
+    yield lambda: [line for fig in figures for ax in fig.axes for line in ax.get_lines()]
+    for fig in figures:
+        real_close(fig)
+
+
+def test_without_arguments_the_newest_run_is_drawn_into_its_own_folder(pyplot, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    older = write_run(Path("runs/older"), range(10))
+    newer = write_run(Path("runs/newer"), range(10))
+    os.utime(older / "metrics.jsonl", (1_000_000, 1_000_000))  # mtimes set, not left to the clock's resolution
+    os.utime(newer / "metrics.jsonl", (2_000_000, 2_000_000))
+    assert plot.main([]) == 0
+    out = capsys.readouterr().out
+    assert "plotting runs/newer, the newest run in runs/" in out and "wrote runs/newer/losses.png" in out
+    assert (newer / "losses.png").read_bytes()[:8] == PNG_MAGIC
+    assert not (older / "losses.png").exists() and not Path("losses.png").exists()
+
+
+def test_output_names_the_png(pyplot, tmp_path, capsys):
+    run = write_run(tmp_path / "run", range(10))
+    png = tmp_path / "elsewhere" / "curves.png"
+    png.parent.mkdir()
+    assert plot.main([str(run), "--output", str(png)]) == 0
+    assert png.read_bytes()[:8] == PNG_MAGIC and not (run / "losses.png").exists()
+
+
+def test_validation_points_are_markers_not_a_solid_line(drawn_lines, tmp_path):
+    run = write_run(tmp_path / "run", range(0, 301), range(0, 301, 100))
+    assert plot.main([str(run)]) == 0
+    lines = {line.get_label(): line for line in drawn_lines()}
+    val = lines["run val"]
+    assert list(val.get_xdata()) == [0, 100, 200, 300]
+    assert val.get_marker() == "o" and val.get_linestyle() != "-"
+    assert lines["run train"].get_color() == val.get_color()
+
+
+def test_validation_points_are_drawn_even_without_training_records(drawn_lines, tmp_path):
+    run = write_run(tmp_path / "run", range(0), range(0, 301, 100))
+    assert plot.main([str(run)]) == 0
+    assert [line.get_label() for line in drawn_lines()] == ["run val"]
+
+
+def test_no_run_anywhere_is_an_error_with_a_hint(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert plot.main([]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no run to plot: runs/ holds no run folder") and "HINT: " in err
+
+
+def test_a_folder_without_metrics_is_named(tmp_path, capsys):
+    assert plot.main([str(tmp_path / "typo")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: no metrics.jsonl in {tmp_path / 'typo'}. HINT: ")
+
+
+def test_without_matplotlib_the_error_gives_the_pip_command(tmp_path, monkeypatch, capsys):
+    run = write_run(tmp_path / "run", range(3))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # what an environment without it gives: ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+    assert plot.main([str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: plotting needs matplotlib") and "HINT: pip install matplotlib" in err
+    assert not (run / "losses.png").exists()
