@@ -3,6 +3,7 @@ step, each evaluation), and the same numbers sent to Weights & Biases when asked
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -28,7 +29,7 @@ class MetricsLog:
         self.path, self.enabled = out_dir / "metrics.jsonl", d.master
         self.wandb_project = cfg.wandb if d.master else ""
         self.run_config = dataclasses.asdict(cfg)
-        self.file, self.wandb_run = None, None
+        self.file, self.wandb_run, self.pending = None, None, []
 
     def __enter__(self) -> MetricsLog:
         if self.enabled:
@@ -46,7 +47,9 @@ class MetricsLog:
 
     def __exit__(self, *exc) -> None:
         if self.file:
-            self.file.close()
+            with contextlib.suppress(OSError):  # a full disk: the run's outcome matters more than its last lines
+                self.file.write("".join(self.pending))
+                self.file.close()
         if self.wandb_run is not None:
             self.wandb_run.finish()
 
@@ -76,12 +79,35 @@ class MetricsLog:
         return {record.get("type") for _, record in self._records() if record.get("step") == step}
 
     def log(self, record: dict) -> None:
+        """Append a record. A write that fails (a full disk) does not stop the run: the records
+        wait in memory, and go to the file, in order, at the first write that succeeds."""
         if not self.enabled:
             return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        self.pending.append(json.dumps(record) + "\n")
+        try:
+            self.file.write("".join(self.pending))
+            self.file.flush()
+            self.pending.clear()
+        except OSError as e:
+            if len(self.pending) == 1:  # the first failure since the last good write
+                print(f"warning: could not write {self.path} ({e.strerror}); training goes on, and the records "
+                      "are kept in memory until it can be written. HINT: free some disk space.", flush=True)  # fmt: skip
+            with contextlib.suppress(OSError):
+                self._reopen()
         if self.wandb_run is not None and "step" in record:
             self.wandb_run.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
+
+    def _reopen(self) -> None:
+        """Drop whatever part of the failed write reached the file, so that the retry appends
+        whole lines only."""
+        try:
+            self.file.close()
+        except OSError:
+            pass
+        with open(self.path, "rb+") as f:
+            data = f.read()
+            f.truncate(data.rfind(b"\n") + 1)
+        self.file = open(self.path, "a")
 
 
 def run_metadata(cfg: TrainConfig, d: Dist, device: torch.device) -> dict:

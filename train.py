@@ -23,7 +23,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -132,16 +132,21 @@ class Evaluator:
     tokenizer: object
     hellaswag_examples: list[dict] | None
 
+    seconds: dict[str, float] = field(default_factory=dict)  # the last duration of each kind
+
     def val_loss(self, step: int, model, metrics: MetricsLog) -> None:
         t0 = time.perf_counter()
         loss = evaluate_val_loss(model, self.val_loader, self.val_chunks, self.d, self.device, self.amp)
+        self.seconds["val"] = time.perf_counter() - t0
         tokens = self.val_chunks * self.val_loader.batch_size * self.val_loader.seq_len
-        print0(f"step {step:6d} | val loss {loss:.4f} | {tokens:,} tokens in {time.perf_counter() - t0:.1f}s")
+        print0(f"step {step:6d} | val loss {loss:.4f} | {tokens:,} tokens in {self.seconds['val']:.1f}s")
         metrics.log({"type": "eval", "step": step, "val_loss": loss})
 
     def hellaswag(self, step: int, model, metrics: MetricsLog) -> None:
         import hellaswag
 
+        print0(f"step {step:6d} | hellaswag: scoring {len(self.hellaswag_examples):,} items ...")
+        t0 = time.perf_counter()
         result = hellaswag.evaluate(
             model,
             self.hellaswag_examples,
@@ -152,9 +157,22 @@ class Evaluator:
             autocast_dtype=self.amp,
             tokenizer=self.tokenizer,
         )
-        print0(f"step {step:6d} | hellaswag acc_norm {result['acc_norm']:.4f} ({result['num_examples']} examples)")
+        self.seconds["hellaswag"] = time.perf_counter() - t0
+        print0(
+            f"step {step:6d} | hellaswag acc_norm {result['acc_norm']:.4f} ({result['num_examples']} examples "
+            f"in {self.seconds['hellaswag']:.1f}s)"
+        )
         record = {"type": "hellaswag", "step": step, "hellaswag_acc": result["acc"]}
         metrics.log({**record, "hellaswag_acc_norm": result["acc_norm"], "hellaswag_examples": result["num_examples"]})
+
+    def seconds_left(self, step: int) -> float:
+        """The time the evaluations still due after `step` will take, at their last duration."""
+        total = 0.0
+        for kind, every in (("val", self.cfg.eval_every), ("hellaswag", self.cfg.hellaswag_every)):
+            if every and kind in self.seconds:
+                end = self.cfg.max_steps
+                total += (end // every - step // every + (end % every != 0)) * self.seconds[kind]
+        return total
 
     @torch.no_grad()
     def print_samples(self, step: int, model: GPT) -> None:
@@ -329,6 +347,12 @@ def describe_run(
         f"= {tokens_per_step:,} tokens per step; {cfg.max_steps} steps = {tokens_per_step * cfg.max_steps:,} "
         f"tokens; train split {loader.num_tokens:,} tokens"
     )
+    step_tflop = model.flops_per_token(seq_len) * tokens_per_step / d.world_size / 1e12
+    if device.type == "cpu" and step_tflop > 1:
+        print0(
+            f"warning: one step costs {step_tflop:,.1f} TFLOP per process, and a CPU does well under 1 TFLOP/s: "
+            "expect minutes per step. HINT: --model tiny trains in minutes on a CPU; larger models want a GPU."
+        )
 
 
 # ---- logging one step ----
@@ -346,7 +370,9 @@ def agree_on_step(loss_accum: torch.Tensor, grad_norm: torch.Tensor, stop: bool,
     return loss_sum / d.world_size, norm, stops > 0
 
 
-def print_step(record: dict, cfg: TrainConfig, step_ms_avg: float, bad_steps: int, overflow: bool) -> None:
+def print_step(
+    record: dict, cfg: TrainConfig, step_ms_avg: float, bad_steps: int, overflow: bool, eval_s_left: float
+) -> None:
     step = record["step"]
     if overflow:
         print0(f"step {step:6d} | fp16 gradients overflowed: update skipped, loss scale lowered")
@@ -357,7 +383,7 @@ def print_step(record: dict, cfg: TrainConfig, step_ms_avg: float, bad_steps: in
         )
     if step % cfg.log_every and step != cfg.max_steps - 1:
         return
-    eta_min = (cfg.max_steps - step - 1) * step_ms_avg / 60_000
+    eta_min = ((cfg.max_steps - step - 1) * step_ms_avg / 1000 + eval_s_left) / 60  # evaluations included
     mfu = f"{100 * record['mfu']:5.1f}%" if record["mfu"] is not None else "    -"
     print0(
         f"step {step:6d} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | norm {record['grad_norm']:6.3f} | "
@@ -378,6 +404,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return plot.main(args.plot)
         d, device = setup_distributed(cfg.device, cfg.dist_timeout_min)
+        check_wandb(cfg, d)
         with attention_context(cfg.attention), claim_run_dir(run_dir(cfg), d):
             code = train(cfg, d, device, stop)
         # Every rank is done with collectives before any closes its connections: without this,
@@ -433,7 +460,6 @@ def claim_run_dir(out_dir: Path, d: Dist) -> Iterator[None]:
 
 def train(cfg: TrainConfig, d: Dist, device: torch.device, stop: StopSignal) -> int:
     # ---- set-up: data, model, batch arithmetic, optimizer, resume ----
-    check_wandb(cfg, d)
     data_dir = resolve_data_dir(cfg, d)
     data_meta = read_meta(data_dir)  # shards of other projects have none, and hold GPT-2 tokens
     amp = autocast_dtype(cfg.dtype, device)
@@ -569,7 +595,7 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device, stop: StopSignal) -> 
             if not finite:
                 record["skipped"] = True
             metrics.log(record)
-            print_step(record, cfg, step_ms_avg, bad_steps, overflow)
+            print_step(record, cfg, step_ms_avg, bad_steps, overflow, evaluator.seconds_left(step))
             if bad_steps >= cfg.max_bad_steps:
                 print0(
                     f"error: {bad_steps} consecutive steps had a non-finite loss or gradient norm; stopping. The last "
