@@ -354,7 +354,9 @@ class Checkpointer:
         starting over on top of them."""
         for ckpt in candidates:
             try:
-                return ckpt, self.restore(ckpt, model, optimizer, scaler, train_loader, seed)
+                tokens_seen = self.restore(ckpt, model, optimizer, scaler, train_loader, seed)
+                self.warn(f"resumed from {ckpt.path} (step {ckpt.step}, saved by {ckpt.meta['world_size']} ranks)")
+                return ckpt, tokens_seen
             except DataError:
                 raise  # other data than the run's: not a damaged checkpoint
             except (CheckpointError, RuntimeError, KeyError, ValueError, TypeError, EOFError, pickle.PickleError) as e:

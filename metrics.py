@@ -33,6 +33,7 @@ class MetricsLog:
 
     def __enter__(self) -> MetricsLog:
         if self.enabled:
+            write_text_atomic(self.path.parent / "config.json", json.dumps(self.run_config, indent=2))
             self.file = open(self.path, "a")
         if self.wandb_project:
             import wandb

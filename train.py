@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
-import json
 import math
 import os
 import signal
@@ -32,7 +31,6 @@ import torch.distributed as dist
 import checkpoint as ckpt_lib
 from config import DEFAULT_CORPUS, TrainConfig, config_changes, learning_rate, parse_config
 from dataloader import DataError, ShardedDataLoader, read_meta
-from files import write_text_atomic
 from metrics import MetricsLog, run_metadata
 from model import GPT, compile_model, config_from_preset, uncompiled
 from prepare_data import DataPrepError
@@ -165,6 +163,21 @@ class Evaluator:
         record = {"type": "hellaswag", "step": step, "hellaswag_acc": result["acc"]}
         metrics.log({**record, "hellaswag_acc_norm": result["acc_norm"], "hellaswag_examples": result["num_examples"]})
 
+    def due(self, step: int, finished_before: bool, metrics: MetricsLog) -> tuple[bool, bool]:
+        """Whether validation loss and HellaSwag are due on the weights after `step` updates. A run
+        finished before evaluates only what a stop between its final checkpoint and its final
+        evaluation left out: rank 0 reads the log, and every rank joins the evaluation."""
+        last_step = step == self.cfg.max_steps
+        val = bool(self.cfg.eval_every) and (step % self.cfg.eval_every == 0 or last_step)
+        hellaswag = bool(self.cfg.hellaswag_every) and (step % self.cfg.hellaswag_every == 0 or last_step)
+        if not finished_before:
+            return val, hellaswag
+        logged = metrics.logged_types(step)
+        d = self.d
+        return d.any(d.master and val and "eval" not in logged), d.any(
+            d.master and hellaswag and "hellaswag" not in logged
+        )
+
     def seconds_left(self, step: int) -> float:
         """The time the evaluations still due after `step` will take, at their last duration."""
         total = 0.0
@@ -254,6 +267,17 @@ def load_initial_weights(cfg: TrainConfig, vocab_size: int) -> GPT:
             f"the data {vocab_size}: they must be tokenized alike"
         )
     return model
+
+
+def resolve_compile(cfg: TrainConfig, device: torch.device) -> bool:
+    """Whether to compile: --compile, or by default on CUDA; its other flags need it on."""
+    use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
+    for name, value, default in (("mode", cfg.compile_mode, "default"), ("scope", cfg.compile_scope, "model")):
+        if value != default and not use_compile:
+            raise ConfigError(
+                f"--compile-{name} {value} needs torch.compile, on by default only on CUDA: add --compile"
+            )
+    return use_compile
 
 
 def check_batch_arithmetic(cfg: TrainConfig, seq_len: int, block_size: int, d: Dist) -> int:
@@ -356,6 +380,21 @@ def describe_run(
 
 
 # ---- logging one step ----
+
+
+def save_checkpoint(
+    checkpointer: ckpt_lib.Checkpointer, step: int, model: GPT, state: dict, cfg: TrainConfig, required: bool
+) -> None:
+    """A periodic checkpoint that fails (a full disk) is reported and training goes on; the final
+    one, or one a signal asked for, ends the run with the error."""
+    try:
+        checkpointer.save(step, model, state, {"config": dataclasses.asdict(cfg), "tokens_seen": state["tokens_seen"]})
+    except ckpt_lib.CheckpointError as e:
+        if required:
+            raise
+        print0(f"error: {e}\ntraining goes on; the next checkpoint will be tried at its turn")
+    if fault_injection("KILL_AFTER_CHECKPOINT", step, checkpointer.d.rank):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def agree_on_step(loss_accum: torch.Tensor, grad_norm: torch.Tensor, stop: bool, d: Dist) -> tuple[float, float, bool]:
@@ -463,12 +502,7 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device, stop: StopSignal) -> 
     data_dir = resolve_data_dir(cfg, d)
     data_meta = read_meta(data_dir)  # shards of other projects have none, and hold GPT-2 tokens
     amp = autocast_dtype(cfg.dtype, device)
-    use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
-    for name, value, default in (("mode", cfg.compile_mode, "default"), ("scope", cfg.compile_scope, "model")):
-        if value != default and not use_compile:
-            raise ConfigError(
-                f"--compile-{name} {value} needs torch.compile, on by default only on CUDA: add --compile"
-            )
+    use_compile = resolve_compile(cfg, device)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = build_model(cfg, data_meta["vocab_size"] if data_meta else 50257, device, amp)
     seq_len = cfg.seq_len or model.config.block_size
@@ -485,14 +519,9 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device, stop: StopSignal) -> 
     changes = config_changes(candidates[0].meta.get("config", {}), cfg, candidates[0].step) if candidates else ([], [])
     resume_from, tokens_seen = checkpointer.resume(candidates, model, optimizer, scaler, train_loader, cfg.seed)
     start_step = resume_from.step if resume_from else 0
-    if resume_from is not None:
-        print0(f"resumed from {resume_from.path} (step {start_step}, saved by {resume_from.meta['world_size']} ranks)")
     eval_model, train_model = wrap_model(model, cfg, d, device, use_compile)
     tokenizer = get_tokenizer(data_meta["tokenizer"] if data_meta else "gpt2")
     evaluator = Evaluator(cfg, d, device, amp, val_loader, val_chunks, tokenizer, load_hellaswag(cfg, d))
-    if d.master:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out_dir / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
     params = [p for p in model.parameters() if p.requires_grad]
     flops_per_token, peak = model.flops_per_token(seq_len), peak_flops(device)
     stop_requested, bad_steps, step_ms_avg, step_clock = d.any(stop.received is not None), 0, 0.0, None
@@ -510,27 +539,12 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device, stop: StopSignal) -> 
             if step > start_step and (last_step or stop_requested or checkpointer.due(step)):
                 state = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                          "train_loader": train_loader.state_dict(), "tokens_seen": tokens_seen}  # fmt: skip
-                meta = {"config": dataclasses.asdict(cfg), "tokens_seen": tokens_seen}
-                try:
-                    checkpointer.save(step, model, state, meta)
-                except ckpt_lib.CheckpointError as e:
-                    if last_step or stop_requested:
-                        raise
-                    print0(f"error: {e}\ntraining goes on; the next checkpoint will be tried at its turn")
-                if fault_injection("KILL_AFTER_CHECKPOINT", step, d.rank):
-                    os.kill(os.getpid(), signal.SIGKILL)
+                save_checkpoint(checkpointer, step, model, state, cfg, required=last_step or stop_requested)
                 step_clock = None
             if stop_requested and not last_step:
                 print0(f"stopped by a signal at step {step}; run the same command again to resume")
                 return EXIT_PREEMPTED
-            val_due = bool(cfg.eval_every) and (step % cfg.eval_every == 0 or last_step)
-            hellaswag_due = bool(cfg.hellaswag_every) and (step % cfg.hellaswag_every == 0 or last_step)
-            if last_step and start_step == cfg.max_steps:
-                # Finished before: evaluate only what a stop between the final checkpoint and the final
-                # evaluation left out. Rank 0 reads the log; every rank joins the evaluation's collectives.
-                logged = metrics.logged_types(step)
-                val_due = d.any(d.master and val_due and "eval" not in logged)
-                hellaswag_due = d.any(d.master and hellaswag_due and "hellaswag" not in logged)
+            val_due, hellaswag_due = evaluator.due(step, finished_before=start_step == cfg.max_steps, metrics=metrics)
             if val_due:
                 evaluator.val_loss(step, eval_model, metrics)
             if hellaswag_due:
@@ -584,7 +598,7 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device, stop: StopSignal) -> 
                 fault_injection("CRASH_AT_STEP", step, d.rank)
                 and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
             ):
-                raise RuntimeError(f"injected crash at step {step} (GPT2_TRAINER_TEST_CRASH_AT_STEP)")
+                raise RuntimeError(f"injected crash at step {step} (GPT2_TRAINER_TEST_CRASH_AT_STEP)")  # fmt: skip
             # ---- log ----
             # the first step pays for compilation: the moving average starts at the second
             step_ms_avg = dt * 1000 if step <= start_step + 1 else 0.9 * step_ms_avg + 0.1 * dt * 1000
