@@ -4,29 +4,16 @@
                                rank=rank, world_size=world_size, shuffle=True, seed=0, device="cuda:0")
     x, y = loader.next_batch()       # int64 tensors of shape (B, T) on the device; y is x shifted by one
 
-Shard formats, found by looking at the directory:
+The formats it reads and the checks it makes are in the README. What a code reader needs:
 
-- this project's: `meta.json` + `train_000000.npy, ...`, `val_000000.npy, ...` (prepare_data.py);
-- build-nanogpt's: `.npy` uint16 arrays named like `edufineweb_train_000001.npy`, no meta.json;
-- llm.c / modded-nanogpt's: `.bin` files named like `fineweb_train_000001.bin`: a header of 256
-  int32 (magic 20240520, version 1, token count), then uint16 tokens. llm.c's Llama-3 variant
-  (magic 20240801, version 7, uint32 tokens) is read too.
-
-Every shard is checked when the loader opens: header, dtype, file size, token count against
-meta.json, and a sample of ids against the vocabulary size. A bad shard raises DataError
-naming the file and saying what to do.
-
-How data is addressed. The shards of a split, in name order, form one virtual stream of N
-tokens. A *chunk* is B*T tokens of it: chunk c covers tokens [c*B*T, c*B*T + B*T + 1) (one
-extra token for the shifted targets) and may straddle two shards. There are (N - 1) // (B*T)
-whole chunks. Each `next_batch` moves a global cursor by W (the world size); rank r reads the
-chunk at position cursor + r. So the W ranks of one step together read one contiguous span
-of B*T*W + 1 tokens, and one process taking two steps reads the same chunks as two processes
-taking one step each. An epoch has num_chunks - num_chunks % S positions, S the chunks of
-one optimizer step (`chunks_per_step`: W times the accumulation steps, W by default):
-nothing is skipped or read twice except that short tail. With `shuffle`, position p reads
-chunk perm[p], perm a permutation of all chunks drawn from (seed, epoch): independent of W.
-
+The shards of a split, in name order, form one virtual stream of N tokens. A *chunk* is B*T
+tokens of it: chunk c covers tokens [c*B*T, c*B*T + B*T + 1) (one extra token for the shifted
+targets) and may straddle two shards; there are (N - 1) // (B*T) whole chunks. Each
+`next_batch` moves a global cursor by W (the world size); rank r reads the chunk at position
+cursor + r. An epoch has num_chunks - num_chunks % S positions, S the chunks of one optimizer
+step (`chunks_per_step`: W times the accumulation steps), so one process taking two steps reads
+the same chunks as two processes taking one step each. With `shuffle`, position p reads chunk
+perm[p], perm a permutation of all chunks drawn from (seed, epoch): independent of W.
 `state_dict()` holds that global position (epoch, cursor), so a run resumes with the same or
 another world size. `batch_at(c)` reads chunk c without shuffling: a fixed validation stream.
 """
@@ -247,9 +234,9 @@ class PinnedStaging:
     """Host-to-GPU copies through page-locked buffers allocated once and used in turn.
 
     Pinning a fresh buffer for each batch (`tensor.pin_memory()`) goes to the pinned-memory
-    allocator, and through it possibly to cudaHostAlloc, on every call; on an H200 that made
-    train.py's `data_ms` 3.5-7.1 ms a step, 7% of a 124M step (BENCHMARKS.md). Here a batch
-    costs one host memcpy, one asynchronous copy and one CUDA event. A buffer is refilled
+    allocator, and through it possibly to cudaHostAlloc, on every call, which showed in the
+    training step's time (BENCHMARKS.md). Here a batch costs one host memcpy, one asynchronous
+    copy and one CUDA event. A buffer is refilled
     only after the event of its previous copy has completed, so a batch still queued on the
     GPU is never overwritten. With one buffer per micro-step of an optimizer step, plus one,
     that wait never blocks a loop that syncs with the GPU once a step (train.py does).

@@ -10,9 +10,8 @@ import sys
 from pathlib import Path
 
 # Several tests compare runs bit for bit. With MKL's own threads, an elementwise kernel right
-# after a matmul gave different last digits in some fresh processes (an Intel Xeon, torch
-# 2.13's CPU build: exp gave one of two results in 5 of 30 processes; with one MKL thread, 30
-# of 30 agreed). Set before torch loads MKL; subprocesses inherit it.
+# after a matmul can give different last digits from one fresh process to the next on Intel
+# CPUs; with one MKL thread the runs agree. Set before torch loads MKL; subprocesses inherit it.
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import pytest  # noqa: E402

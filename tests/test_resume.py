@@ -13,24 +13,12 @@ import torch
 
 import checkpoint
 import train
-from runs import ROOT, TINY, read_metrics, run_train, train_command, train_losses
+from runs import ROOT, TINY, read_metrics, run_train, spawn_gloo, train_command, train_losses
 
 
 def flags(data, run, steps=20, every=10, extra=()):
-    return [
-        *TINY,
-        "--data",
-        str(data),
-        "--out",
-        str(run),
-        "--max-steps",
-        str(steps),
-        "--eval-every",
-        "5",
-        "--checkpoint-every",
-        str(every),
-        *extra,
-    ]
+    args = f"--data {data} --out {run} --max-steps {steps} --eval-every 5 --checkpoint-every {every}"
+    return [*TINY, *args.split(), *extra]
 
 
 @pytest.fixture(scope="module")
@@ -302,39 +290,28 @@ def test_full_disk_in_torch_save_keeps_training(tiny_data, tmp_path, monkeypatch
     assert not list((run / "checkpoints").glob("*.tmp"))
 
 
-def _save_while_rank_1_cannot_write(rank: int, store: str, run_dir: str) -> None:
-    import datetime
-
-    import torch.distributed as dist
-
+def _save_while_rank_1_cannot_write(rank: int, world_size: int, run_dir: str) -> None:
     from model import GPT, config_from_preset
+    from runtime import Dist
 
-    torch.set_num_threads(1)
-    timeout = datetime.timedelta(seconds=120)  # a rank left waiting fails the test instead of hanging it
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2, timeout=timeout)
+    if rank == 1:
+
+        def disk_full(obj, f, *a, **kw):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
+        torch.save = disk_full  # (this process only)
+    d = Dist(rank=rank, world_size=world_size)
+    model = GPT(config_from_preset("tiny", n_layer=1))
     try:
-        if rank == 1:
-
-            def disk_full(obj, f, *a, **kw):
-                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
-
-            torch.save = disk_full  # (this process only)
-        d = train.Dist(rank=rank, world_size=2)
-        model = GPT(config_from_preset("tiny", n_layer=1))
-        try:
-            checkpoint.save_checkpoint(Path(run_dir), 5, model, {"tokens_seen": 0}, {}, rank, 2, d.barrier, d.any)
-            outcome = "saved"
-        except checkpoint.CheckpointError as e:
-            outcome = str(e)
-        Path(run_dir, f"rank{rank}.txt").write_text(outcome)
-    finally:
-        dist.destroy_process_group()
+        checkpoint.save_checkpoint(Path(run_dir), 5, model, {"tokens_seen": 0}, {}, rank, 2, d.barrier, d.any)
+        outcome = "saved"
+    except checkpoint.CheckpointError as e:
+        outcome = str(e)
+    Path(run_dir, f"rank{rank}.txt").write_text(outcome)
 
 
 def test_a_save_that_fails_on_one_rank_fails_on_every_rank_and_publishes_nothing(tmp_path):
-    torch.multiprocessing.spawn(
-        _save_while_rank_1_cannot_write, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2
-    )
+    spawn_gloo(_save_while_rank_1_cannot_write, 2, tmp_path, str(tmp_path))
     outcomes = [(tmp_path / f"rank{rank}.txt").read_text() for rank in range(2)]
     assert "another rank could not write its RNG state" in outcomes[0]
     assert "unexpected pos" in outcomes[1]
