@@ -268,12 +268,17 @@ def score_rows(
     device: str | torch.device,
     rows_per_batch: int,
     autocast_dtype: torch.dtype | None = None,
+    min_batches: int = 0,
 ) -> torch.Tensor:
-    """Summed loss of each row's ending tokens, as a CPU float32 tensor in the order of rows."""
+    """Summed loss of each row's ending tokens, as a CPU float32 tensor in the order of rows.
+    At least min_batches forward passes, the extra ones on empty rows of the last batch's shape."""
     device = torch.device(device)
     batches, order = _make_batches(
         rows, starts, rows_per_batch, _gpt_config(model).block_size, pin=device.type == "cuda"
     )
+    T = batches[-1][0].shape[1] if batches else SEQ_MULTIPLE
+    while len(batches) < min_batches:
+        batches.append((torch.zeros(rows_per_batch, T, dtype=torch.long), torch.full((rows_per_batch, T), -1), 0))
     sums = []
     with _autocast(device, autocast_dtype):
         for idx, targets, n in batches:
@@ -324,11 +329,14 @@ def evaluate(
         rows += r
         starts += s
 
+    # every rank runs as many forward passes, as many as the rank with the most items: a sharded
+    # model (train.py --fsdp) gathers its weights with all ranks in each one
+    most_batches = -(-len(examples[0::world_size]) // batch_size)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            sums = score_rows(model, rows, starts, device, NUM_ENDINGS * batch_size, autocast_dtype)
+            sums = score_rows(model, rows, starts, device, NUM_ENDINGS * batch_size, autocast_dtype, most_batches)
     finally:
         model.train(was_training)
 

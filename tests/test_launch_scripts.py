@@ -74,3 +74,12 @@ def test_a_launch_that_succeeds_reports_training_finished(script, tmp_path):
     commands = {**CLUSTER, "torchrun": "exit 0", "srun": "exit 0"}
     out = run_script(script, tmp_path, "--model", "tiny", commands=commands)
     assert out.returncode == 0 and "launch: training finished" in out.stdout
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_training_flags_reach_train_py_unchanged(script, tmp_path):
+    seen = tmp_path / "argv"
+    commands = {**CLUSTER, "torchrun": f'echo "$@" > {seen}', "srun": f'echo "$@" > {seen}'}
+    out = run_script(script, tmp_path, "--model", "gpt2-xl", "--fsdp", "--fsdp-grad-sync", "step", commands=commands)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert seen.read_text().split()[-5:] == ["--model", "gpt2-xl", "--fsdp", "--fsdp-grad-sync", "step"]
