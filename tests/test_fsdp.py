@@ -20,6 +20,7 @@ import hellaswag
 import sample
 import sharding
 import train
+from conftest import requires_gpu
 from model import GPT, GPTConfig
 from runs import TINY, read_metrics, run_train, train_losses
 from runtime import Dist
@@ -355,3 +356,20 @@ def test_fsdp_composes_with_compile_and_activation_checkpointing(tiny_data, tmp_
     assert train.main(flags(tiny_data, sharded, steps=3, every=0, extra=composed)) == 0
     for step, loss in train_losses(plain).items():
         assert train_losses(sharded)[step] == pytest.approx(loss, abs=1e-4)  # compiled kernels round otherwise
+
+
+@requires_gpu
+def test_fsdp_on_one_gpu_in_bf16_compiled_block_by_block_trains_and_resumes(tiny_data, tmp_path):
+    on_gpu = [a for a in TINY if a not in ("--device", "cpu", "--no-compile")]
+    gpu = [*"--device cuda --dtype bf16 --compile --compile-scope blocks --fsdp --num-samples 1".split()]
+    common = [*on_gpu, *gpu, "--data", str(tiny_data), "--eval-every", "5", "--checkpoint-every", "5"]
+    common += ["--max-steps", "10"]
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    assert train.main([*common, "--out", str(whole)]) == 0
+    killed = run_train([*common, "--out", str(resumed)], env={"GPT2_TRAINER_TEST_KILL_AFTER_CHECKPOINT": "5"})
+    assert killed.returncode == -signal.SIGKILL
+    assert train.main([*common, "--out", str(resumed)]) == 0
+    losses = train_losses(whole)
+    assert losses[9] < losses[0]
+    assert train_losses(resumed) == pytest.approx(losses, abs=1e-3)  # (compiled in another process)
+    assert checkpoint.load_model(whole).config.n_layer == 2  # the sharded checkpoint, read whole
