@@ -9,6 +9,10 @@ Layout of a run directory:
         meta.json                      format version, step, config, file sizes and sha256
     RUN/checkpoints/latest             name of the newest complete checkpoint, written last
 
+A sharded run (train.py --fsdp) writes no model.safetensors and keeps the optimizer out of
+train_state.pt: each rank writes its shards of both through torch.distributed.checkpoint
+(`__RANK_0.distcp`, and `.metadata` from rank 0), listed in meta.json like the other files.
+
 A checkpoint is assembled in `step_XXXXXXXX.tmp/`, every file flushed to disk, then the
 directory is renamed into place: a crash at any moment leaves either no new checkpoint or a
 complete one, and the previous ones untouched. Loading uses safetensors and
@@ -23,6 +27,8 @@ import pickle
 import random
 import re
 import shutil
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -129,11 +135,13 @@ def save_checkpoint(
     world_size: int = 1,
     barrier=lambda: None,
     any_rank=lambda flag: flag,
+    write_shards: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write the checkpoint holding the state before `step`. Every rank calls this (each
-    saves its RNG state); rank 0 writes the rest and publishes it. Raises CheckpointError on
-    any failure, on every rank alike (any_rank(flag): whether flag is true on some rank),
-    leaving earlier checkpoints as they were."""
+    saves its RNG state, and with write_shards, a collective, its shards of the weights and
+    optimizer into the directory it is given); rank 0 writes the rest and publishes it.
+    Raises CheckpointError on any failure, on every rank alike (any_rank(flag): whether flag
+    is true on some rank), leaving earlier checkpoints as they were."""
     ckpt_root = Path(run_dir) / "checkpoints"
     final = ckpt_root / checkpoint_name(step)
     tmp = ckpt_root / (checkpoint_name(step) + ".tmp")
@@ -154,9 +162,17 @@ def save_checkpoint(
         failed = failed or e
     if any_rank(bool(failed)) and not failed:  # (a checkpoint missing a rank's RNG state is not published)
         failed = "another rank could not write its RNG state"
+    if write_shards is not None and not failed:
+        try:
+            write_shards(tmp)
+        except Exception as e:
+            failed = e
+        if any_rank(bool(failed)) and not failed:
+            failed = "another rank could not write its shards"
     if rank == 0 and not failed:
         try:
-            save_file(model_state_for_saving(model), str(tmp / "model.safetensors"))
+            if write_shards is None:
+                save_file(model_state_for_saving(model), str(tmp / "model.safetensors"))
             torch.save(train_state, tmp / "train_state.pt")
             files = {}
             for p in sorted(tmp.iterdir()):
@@ -167,6 +183,7 @@ def save_checkpoint(
                 "format_version": FORMAT_VERSION,
                 "step": step,
                 "world_size": world_size,
+                "sharded": write_shards is not None,
                 "model_config": unwrap_model(model).config.to_dict(),
                 "files": files,
             }
@@ -240,7 +257,7 @@ def verify_checkpoint(path: Path) -> dict:
         raise CheckpointError(
             f"{meta_path}: says step {meta.get('step')!r}, the directory's name step {checkpoint_step(path)}"
         )
-    for name in REQUIRED_FILES:
+    for name in REQUIRED_FILES[1:] if meta.get("sharded") else REQUIRED_FILES:  # (shards hold the weights)
         if name not in files:
             raise CheckpointError(f"{meta_path}: lists no {name}")
     for name, info in files.items():
@@ -285,8 +302,8 @@ def is_checkpoint_path(path: str | Path) -> bool:
     )
 
 
-def load_model_weights(ckpt: Checkpoint, model: GPT) -> None:
-    expected = model.config.to_dict()
+def check_model_shape(ckpt: Checkpoint, config: GPTConfig) -> None:
+    expected = config.to_dict()
     saved = ckpt.meta["model_config"]
     diffs = [
         f"{k}: checkpoint {saved.get(k)!r}, this run {expected[k]!r}"
@@ -295,9 +312,37 @@ def load_model_weights(ckpt: Checkpoint, model: GPT) -> None:
     ]
     if diffs:
         raise CheckpointError(f"{ckpt.path} was made for another model shape: " + "; ".join(diffs))
-    sd = load_file(str(ckpt.path / "model.safetensors"))
+
+
+def load_model_weights(ckpt: Checkpoint, model: GPT) -> None:
+    check_model_shape(ckpt, model.config)
+    if ckpt.meta.get("sharded"):
+        sd = read_sharded_weights(ckpt.path)
+    else:
+        sd = load_file(str(ckpt.path / "model.safetensors"))
     sd["lm_head.weight"] = sd["transformer.wte.weight"]
     model.load_state_dict(sd)
+
+
+def read_sharded_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The whole weights of a sharded checkpoint, read in this process alone (no process group
+    needed), on the CPU: each tensor assembled from the shards every rank wrote."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = dcp.FileSystemReader(str(path))
+    try:
+        sd = {
+            name.removeprefix("model."): torch.empty(item.size, dtype=item.properties.dtype)
+            for name, item in reader.read_metadata().state_dict_metadata.items()
+            if name.startswith("model.") and isinstance(item, TensorStorageMetadata)
+        }
+        with warnings.catch_warnings():  # that no process group takes part is the intent here
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load({"model": sd}, storage_reader=reader, no_dist=True)
+    except Exception as e:  # DCP wraps a short or unreadable file in its own exception types
+        raise CheckpointError(f"{path}: could not read its sharded weights ({e})") from e
+    return sd
 
 
 def load_train_state(ckpt: Checkpoint) -> dict:
@@ -330,18 +375,26 @@ class Checkpointer:
     """What train.py needs of checkpoints: whether a save is due, saving and pruning, and
     resuming. Every rank calls every method; rank 0 alone writes, prunes and prints."""
 
-    def __init__(self, run_dir: Path, every: int, keep_last: int, keep_every: int, d: Dist, warn=print):
+    def __init__(self, run_dir: Path, every: int, keep_last: int, keep_every: int, d: Dist, warn=print, shards=None):
         self.run_dir, self.every, self.keep_last, self.keep_every = Path(run_dir), every, keep_last, keep_every
         self.d, self.warn = d, warn
         self.auto = True
+        # a sharded run's weights and optimizer (sharding.ShardedState): saved and restored by every
+        # rank through its save(directory) and load(directory) instead of by rank 0
+        self.shards = shards
 
     def due(self, step: int) -> bool:
         return self.every > 0 and step % self.every == 0
 
     def save(self, step: int, model: torch.nn.Module, train_state: dict, meta: dict) -> Path:
         """The checkpoint of the state before `step`; raises CheckpointError on every rank alike."""
-        d = self.d
-        path = save_checkpoint(self.run_dir, step, model, train_state, meta, d.rank, d.world_size, d.barrier, d.any)
+        d, write_shards = self.d, None
+        if self.shards is not None:
+            train_state = {k: v for k, v in train_state.items() if k != "optimizer"}  # in the shards
+            write_shards = self.shards.save
+        path = save_checkpoint(
+            self.run_dir, step, model, train_state, meta, d.rank, d.world_size, d.barrier, d.any, write_shards
+        )
         if d.master:
             prune_checkpoints(self.run_dir, self.keep_last, self.keep_every, step)
             print(f"saved checkpoint {path}", flush=True)
@@ -357,8 +410,8 @@ class Checkpointer:
                 tokens_seen = self.restore(ckpt, model, optimizer, scaler, train_loader, seed)
                 self.warn(f"resumed from {ckpt.path} (step {ckpt.step}, saved by {ckpt.meta['world_size']} ranks)")
                 return ckpt, tokens_seen
-            except DataError:
-                raise  # other data than the run's: not a damaged checkpoint
+            except (DataError, CheckpointConflict):
+                raise  # other data or settings than the run's: not a damaged checkpoint
             except (CheckpointError, RuntimeError, KeyError, ValueError, TypeError, EOFError, pickle.PickleError) as e:
                 if len(candidates) == 1 and not self.auto:
                     raise CheckpointError(f"{ckpt.path} cannot be loaded ({type(e).__name__}: {e})") from e
@@ -397,9 +450,19 @@ class Checkpointer:
 
     def restore(self, ckpt: Checkpoint, model: GPT, optimizer, scaler, train_loader, seed: int) -> int:
         """Load a checkpoint into the run's objects; returns the tokens seen before it."""
-        load_model_weights(ckpt, model)
+        if bool(ckpt.meta.get("sharded")) != (self.shards is not None):
+            made, run = ("with", "without") if ckpt.meta.get("sharded") else ("without", "with")
+            raise CheckpointConflict(
+                f"{ckpt.path} was saved {made} --fsdp and this run is {run} it. HINT: resume with the "
+                f"same --fsdp setting, or start a new run from its weights with --init-from {ckpt.path}"
+            )
         state = load_train_state(ckpt)
-        optimizer.load_state_dict(state["optimizer"])
+        if self.shards is not None:
+            check_model_shape(ckpt, unwrap_model(model).config)
+            self.shards.load(ckpt.path)
+        else:
+            load_model_weights(ckpt, model)
+            optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         train_loader.load_state_dict(state["train_loader"])
         rng = load_rng_state(ckpt, self.d.rank)

@@ -20,6 +20,7 @@ USAGE = """Train a GPT-2: one process (CPU, MPS, one GPU) or many under torchrun
     python train.py --data data/fineweb_edu --model gpt2 --seq-len 1024 --batch-size 16 \\
         --total-batch-size 524288                      # one GPU
     torchrun --standalone --nproc_per_node=8 train.py --data ... --model gpt2
+    torchrun --standalone --nproc_per_node=8 train.py --data ... --model gpt2-xl --fsdp   # sharded
 
 Rerunning the same command resumes from the newest complete checkpoint in --out.
 Exit codes: 0 finished; 1 error; 2 bad flags or configuration; 3 stopped after too many
@@ -103,6 +104,18 @@ class TrainConfig:
         "(--no-fused-loss: the plain F.cross_entropy path)",
     )
     device: str = _flag("auto", "cuda, cuda:N, mps, cpu, or auto (the best present)")
+    fsdp: bool = _flag(
+        False,
+        "shard the weights, gradients and AdamW state over all processes (FSDP2) instead of keeping a whole "
+        "copy on each (DDP): for models whose training state does not fit on one GPU; slower where it does",
+    )
+    fsdp_grad_sync: str = _flag(
+        "micro-step",
+        "with --fsdp and gradient accumulation, reduce-scatter the gradients after every micro-step "
+        "(micro-step: they stay sharded, the least memory) or after the last one only (step: each process "
+        "holds a whole fp32 gradient between micro-steps, in exchange for less communication)",
+        choices=["micro-step", "step"],
+    )
     seed: int = _flag(1337, "random seed (model init, data shuffle, dropout, sampling)", at_least=0, below=2**63)
     # evaluation, samples, logging
     eval_every: int = _flag(100, "validation loss every N steps and at the end (0: never)", at_least=0)
@@ -142,6 +155,13 @@ class TrainConfig:
             errors.append(f"--model {self.model!r} is not a preset; choose one of: {', '.join(PRESETS)}")
         if self.min_lr is not None and self.min_lr > self.lr:
             errors.append(f"--min-lr must be between 0 and --lr ({self.lr}), got {self.min_lr}")
+        if self.fsdp and self.dtype == "fp16":
+            errors.append(
+                "--fsdp does not take --dtype fp16: the gradient scaler's overflow check would see each process's "
+                "shards only; use --dtype bf16"
+            )
+        if self.fsdp_grad_sync != "micro-step" and not self.fsdp:
+            errors.append(f"--fsdp-grad-sync {self.fsdp_grad_sync} needs --fsdp (add it, or leave the flag out)")
         if self.device not in ("auto", "cpu", "mps") and not self.device.startswith("cuda"):
             errors.append(f"--device {self.device!r}: use auto, cpu, mps, cuda or cuda:N")
         if errors:

@@ -269,15 +269,20 @@ def score_rows(
     rows_per_batch: int,
     autocast_dtype: torch.dtype | None = None,
     progress: bool = False,
+    min_batches: int = 0,
 ) -> torch.Tensor:
     """Summed loss of each row's ending tokens, as a CPU float32 tensor in the order of rows.
-    progress: a progress bar (in items, four rows each) when stderr is a terminal."""
+    progress: a progress bar (in items, four rows each) when stderr is a terminal. At least
+    min_batches forward passes, the extra ones on empty rows of the last batch's shape."""
     from tqdm import tqdm
 
     device = torch.device(device)
     batches, order = _make_batches(
         rows, starts, rows_per_batch, _gpt_config(model).block_size, pin=device.type == "cuda"
     )
+    T = batches[-1][0].shape[1] if batches else SEQ_MULTIPLE
+    while len(batches) < min_batches:
+        batches.append((torch.zeros(rows_per_batch, T, dtype=torch.long), torch.full((rows_per_batch, T), -1), 0))
     sums = []
     bar = tqdm(
         total=len(rows) // NUM_ENDINGS, desc="hellaswag", unit="item", disable=not (progress and sys.stderr.isatty())
@@ -341,11 +346,16 @@ def evaluate(
         share = f", {len(local)} on this rank" if world_size > 1 else ""
         print(f"hellaswag: scoring {len(examples)} items{share}", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
+    # every rank runs as many forward passes, as many as the rank with the most items: a sharded
+    # model (train.py --fsdp) gathers its weights with all ranks in each one
+    most_batches = -(-len(examples[0::world_size]) // batch_size)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            sums = score_rows(model, rows, starts, device, NUM_ENDINGS * batch_size, autocast_dtype, progress)
+            sums = score_rows(
+                model, rows, starts, device, NUM_ENDINGS * batch_size, autocast_dtype, progress, most_batches
+            )
     finally:
         model.train(was_training)
     if log:

@@ -1,4 +1,4 @@
-"""Train a GPT-2: one process (CPU, MPS, one GPU) or many under torchrun (DDP).
+"""Train a GPT-2: one process (CPU, MPS, one GPU) or many under torchrun (DDP, or FSDP with --fsdp).
 
     python train.py                                   # small GPT on tiny Shakespeare, any machine
     torchrun --standalone --nproc_per_node=8 train.py --data data/fineweb_edu --model gpt2
@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 import checkpoint as ckpt_lib
+import sharding
 from config import DEFAULT_CORPUS, TrainConfig, config_changes, learning_rate, parse_config
 from dataloader import DataError, ShardedDataLoader, read_meta
 from metrics import MetricsLog, run_metadata
@@ -104,12 +105,15 @@ def evaluate_val_loss(
     model.eval()
     # fp64 so that the sum does not depend on how chunks are split over ranks; MPS has no fp64
     total = torch.zeros(2, device=device, dtype=torch.float32 if device.type == "mps" else torch.float64)
-    for c in range(d.rank, n_chunks, d.world_size):
-        x, y = val_loader.batch_at(c)  # already on the device
+    # every rank runs as many forward passes (a sharded model gathers its weights with all ranks
+    # in each): a rank short of a chunk evaluates the last one again and does not count it
+    for c in range(d.rank, -(-n_chunks // d.world_size) * d.world_size, d.world_size):
+        x, y = val_loader.batch_at(min(c, n_chunks - 1))  # already on the device
         with autocast_context(device, amp):
             loss = model(x, y)[1]
-        total[0] += loss.to(total.dtype) * y.numel()
-        total[1] += y.numel()
+        if c < n_chunks:
+            total[0] += loss.to(total.dtype) * y.numel()
+            total[1] += y.numel()
     if d.enabled:
         dist.all_reduce(total, op=dist.ReduceOp.SUM)
     model.train()
@@ -191,9 +195,10 @@ class Evaluator:
     def print_samples(self, step: int, model: GPT) -> None:
         """Samples from the plain module (no compile or DDP wrapper), run eagerly: generation grows
         the sequence every token, which would recompile. Any attention kernel may serve: some
-        refuse a one-token query. Rank 0 only."""
+        refuse a one-token query. Rank 0 only; every rank with a sharded model, whose forward
+        passes gather its weights from all of them (they sample alike: same generator seed)."""
         cfg = self.cfg
-        if cfg.num_samples == 0 or not self.d.master:
+        if cfg.num_samples == 0 or not (self.d.master or sharding.is_sharded(model)):
             return
         model.eval()
         prompt = self.tokenizer.encode(cfg.sample_prompt) or [self.tokenizer.eot_id]
@@ -233,7 +238,10 @@ def check_wandb(cfg: TrainConfig, d: Dist) -> None:
 def build_model(cfg: TrainConfig, vocab_size: int, device: torch.device, amp: torch.dtype | None) -> GPT:
     """The model on the device, from a preset or from weights, with the run's speed settings."""
     if cfg.init_from:
-        model = load_initial_weights(cfg, vocab_size)
+        if cfg.fsdp:  # rank 0 reads the weights, every rank gets its shards
+            model = sharding.build_from_rank0(lambda: load_initial_weights(cfg, vocab_size), device, amp)
+        else:
+            model = load_initial_weights(cfg, vocab_size)
     else:
         overrides = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd") if getattr(cfg, k) is not None}
         try:
@@ -242,7 +250,7 @@ def build_model(cfg: TrainConfig, vocab_size: int, device: torch.device, amp: to
             )
         except ValueError as e:
             raise ConfigError(str(e)) from e
-        model = GPT(config)
+        model = sharding.build_sharded_model(config, device, amp) if cfg.fsdp else GPT(config)
     model.to(device)
     model.activation_checkpointing = cfg.activation_checkpointing
     model.fused_loss = cfg.fused_loss
@@ -333,10 +341,11 @@ def load_hellaswag(cfg: TrainConfig, d: Dist) -> list[dict] | None:
 
 
 def wrap_model(model: GPT, cfg: TrainConfig, d: Dist, device: torch.device, use_compile: bool):
-    """(the compiled model, for evaluation; the model the step runs: compiled, in DDP if several ranks)."""
+    """(the compiled model, for evaluation; the model the step runs: compiled, in DDP if several ranks
+    and not sharded by --fsdp, which build_model did)."""
     if use_compile:
         model = compile_model(model, cfg.compile_mode, cfg.compile_scope)
-    if not d.enabled:
+    if not d.enabled or cfg.fsdp:
         return model, model
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -344,6 +353,16 @@ def wrap_model(model: GPT, cfg: TrainConfig, d: Dist, device: torch.device, use_
     # copied into them, one model-sized fp32 buffer less
     device_ids = [device.index] if device.type == "cuda" else None
     return model, DDP(model, device_ids=device_ids, gradient_as_bucket_view=True)
+
+
+def micro_step_sync(train_model, cfg: TrainConfig, d: Dist, last: bool):
+    """DDP all-reduces gradients on the last micro-step only (no_sync, read in the forward pass).
+    FSDP reduce-scatters them after every micro-step, or with --fsdp-grad-sync step after the last
+    only (a switch read in the backward pass, so set here rather than scoped)."""
+    if cfg.fsdp:
+        sharding.set_gradient_sync(train_model, last or cfg.fsdp_grad_sync == "micro-step")
+        return nullcontext()
+    return nullcontext() if not d.enabled or last else train_model.no_sync()
 
 
 def describe_run(
@@ -359,6 +378,8 @@ def describe_run(
         settings.append(f"activation checkpointing every {cfg.activation_checkpointing} block(s)")
     if model.fused_loss:
         settings.append("fused loss")
+    if cfg.fsdp:
+        settings.append(f"FSDP, gradients reduce-scattered every {cfg.fsdp_grad_sync}")
     tokens_per_step = cfg.batch_size * seq_len * d.world_size * grad_accum
     c = model.config
     print0(f"run directory {out_dir}; {d.world_size} process(es) on {device}; {', '.join(settings)}")
@@ -513,7 +534,10 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device, stop: StopSignal) -> 
     describe_run(cfg, model, out_dir, d, device, amp, use_compile, seq_len, grad_accum, train_loader)
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), device.type)
     scaler = torch.amp.GradScaler("cuda", enabled=amp is torch.float16)
-    checkpointer = ckpt_lib.Checkpointer(out_dir, cfg.checkpoint_every, cfg.keep_last, cfg.keep_every, d, print0)
+    shards = sharding.ShardedState(model, optimizer) if cfg.fsdp else None
+    checkpointer = ckpt_lib.Checkpointer(
+        out_dir, cfg.checkpoint_every, cfg.keep_last, cfg.keep_every, d, print0, shards=shards
+    )
     torch.manual_seed(cfg.seed + d.rank)  # dropout differs per rank (a checkpoint's RNG state replaces this)
     candidates = checkpointer.candidates(cfg.resume)  # verified, newest first
     changes = config_changes(candidates[0].meta.get("config", {}), cfg, candidates[0].step) if candidates else ([], [])
@@ -562,8 +586,7 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device, stop: StopSignal) -> 
                 t_data = time.perf_counter()
                 x, y = train_loader.next_batch()  # on the device; the copy is queued, not awaited
                 data_s += time.perf_counter() - t_data
-                # DDP all-reduces gradients on the last micro-step only
-                sync = nullcontext() if not d.enabled or micro_step == grad_accum - 1 else train_model.no_sync()
+                sync = micro_step_sync(train_model, cfg, d, last=micro_step == grad_accum - 1)
                 with sync, autocast_context(device, amp):
                     # [1]: the logits go at once; kept in a variable they would live through backward
                     loss = train_model(x, y)[1] / grad_accum
@@ -572,7 +595,7 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device, stop: StopSignal) -> 
                 loss_accum += loss.detach()
                 scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or math.inf)
+            grad_norm = sharding.clip_grad_norm_(params, cfg.grad_clip or math.inf)
             lr = learning_rate(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr

@@ -19,7 +19,7 @@
 # BENCHMARKS.md was taken with the plain loss passes --no-fused-loss, so that it stays
 # comparable with that row; the items named -fused, -combined and xl-ac, and xl-batch24, time
 # the fused loss.
-ORDER=(env gpt2-step-fused xl-batch24 gpt2-step-ma gpt2-step xl-batch gpt2 overhead tests gpt2-step-cd xl-step
+ORDER=(env gpt2-step-fused xl-batch24 fsdp gpt2-step-ma gpt2-step xl-batch gpt2 overhead tests gpt2-step-cd xl-step
     hellaswag gpt2-accum modes gpt2-blocks xl gpt2-combined gpt2-fused attention gpt2-batch xl-ac variants)
 declare -A ESTIMATE_S=(
     [env]=10             # the GPU, the driver, torch and CUDA versions
@@ -27,6 +27,7 @@ declare -A ESTIMATE_S=(
     # accumulation per optimizer step, which spreads the optimizer's cost over them
     [gpt2-step-fused]=50 # gpt2-step with the fused loss
     [xl-batch24]=60      # 1.5B, 4 micro-batches of 24 (98,304 tokens), block by block, fused loss
+    [fsdp]=130           # the gpt2 and xl items (plain loss) with --fsdp: one process, a process group of one
     [gpt2-step-ma]=180   # gpt2-step (plain loss) compiled with max-autotune-no-cudagraphs (matmul autotuning)
     [gpt2-step]=50       # 124M, 8 micro-batches of 64: 524,288 tokens (GPT-2's batch), cuDNN attention, plain loss
     [xl-batch]=50        # 1.5B, 4 micro-batches of 16 (65,536 tokens), block by block, plain loss
@@ -154,6 +155,10 @@ item_gpt2() { bench "${GPT2[@]}" --no-fused-loss; }
 item_gpt2-blocks() { bench "${GPT2[@]}" --no-fused-loss --compile-scope blocks; }
 item_gpt2-fused() { bench "${GPT2[@]}" --fused-loss; }
 item_xl() { bench --model "$XL" --batch-size 8 --steps 8 --warmup 3 --compile-scope blocks --no-fused-loss; }
+item_fsdp() {
+    bench "${GPT2[@]}" --no-fused-loss --fsdp
+    bench --model "$XL" --batch-size 8 --steps 8 --warmup 3 --compile-scope blocks --no-fused-loss --fsdp
+}
 item_tests() { step "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider; }
 item_gpt2-batch() { bench --model "$MODEL" --batch-size 16 64 --steps 20 --warmup 5 --no-fused-loss; }
 item_attention() {

@@ -4,10 +4,13 @@
     python -m bench.step --model gpt2-xl --batch-size 8 --activation-checkpointing 1
     python -m bench.step --model gpt2 --batch-size 64 --grad-accum 8          # a 524,288-token optimizer step
     python -m bench.step --model tiny --device cpu --no-compile --steps 5    # checks the script on a CPU
+    python -m bench.step --model gpt2-xl --batch-size 8 --compile-scope blocks --fsdp   # sharded, one process
+    python -m bench.step --model gpt2-xl --activation-memory --fsdp --world-size 8      # what fits on 8 GPUs
 
 The speed flags are train.py's (--compile-mode, --compile-scope, --attention,
---activation-checkpointing, --fused-loss), so a configuration that wins here is one flag away
-from a training run.
+--activation-checkpointing, --fused-loss, --fsdp), so a configuration that wins here is one flag
+away from a training run. --fsdp times the sharded step in one process (a process group of one):
+its cost over the plain step on one GPU, not the communication between several.
 
 It times the same step train.py runs (forward and backward under autocast, gradient
 clipping, fused AdamW) on random tokens, so the figures isolate the model and optimizer from
@@ -33,7 +36,9 @@ import time
 from collections.abc import Callable
 
 import torch
+from torch.distributed.tensor import DTensor
 
+import sharding
 from model import COMPILE_MODES, COMPILE_SCOPES, GPT, PRESETS, compile_model, config_from_preset
 from runtime import (
     ATTENTION_BACKENDS,
@@ -46,6 +51,7 @@ from runtime import (
     check_attention_backend,
     peak_flops,
     resolve_device,
+    teardown_distributed,
 )
 
 
@@ -63,6 +69,7 @@ class StepOptions:
     pad_vocab: int = 64
     fused_adamw: bool = True
     grad_accum: int = 1
+    fsdp: bool = False
 
     def label(self, timed: bool = True) -> str:
         """The table's name for these options: what differs from train.py's defaults."""
@@ -74,6 +81,7 @@ class StepOptions:
             "fused-loss" if self.fused_loss else "",
             f"pad-vocab={self.pad_vocab}" if self.pad_vocab != 64 else "",
             "" if self.fused_adamw else "adamw=foreach",
+            "fsdp" if self.fsdp else "",
             # set through TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1: tunes the generated kernels' launch
             # configurations at compile time
             "coordinate-descent" if self.compile and coordinate_descent_tuning() else "",
@@ -89,10 +97,21 @@ def sync(device: torch.device) -> None:
 
 
 def build_model(
-    preset: str, device: torch.device, pad_vocab: int, activation_checkpointing: int, fused_loss: bool
+    preset: str,
+    device: torch.device,
+    pad_vocab: int,
+    activation_checkpointing: int,
+    fused_loss: bool,
+    fsdp_amp: torch.dtype | None | bool = False,
 ) -> GPT:
+    """The model on the device; sharded by FSDP over the process group where fsdp_amp is not
+    False (it is then the dtype FSDP gathers the weights in: None for fp32)."""
     torch.manual_seed(0)
-    model = GPT(config_from_preset(preset, pad_vocab_to=pad_vocab)).to(device)
+    config = config_from_preset(preset, pad_vocab_to=pad_vocab)
+    if fsdp_amp is False:
+        model = GPT(config).to(device)
+    else:
+        model = sharding.build_sharded_model(config, device, fsdp_amp)
     model.activation_checkpointing = activation_checkpointing
     model.fused_loss = fused_loss
     return model
@@ -121,9 +140,10 @@ def make_step(
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    model = build_model(preset, device, opts.pad_vocab, opts.activation_checkpointing, opts.fused_loss)
-    optimizer = model.configure_optimizers(0.1, 6e-4, device_type=device.type, fused=opts.fused_adamw)
     amp = autocast_dtype(opts.dtype, device)
+    fsdp_amp = amp if opts.fsdp else False
+    model = build_model(preset, device, opts.pad_vocab, opts.activation_checkpointing, opts.fused_loss, fsdp_amp)
+    optimizer = model.configure_optimizers(0.1, 6e-4, device_type=device.type, fused=opts.fused_adamw)
     cfg = model.config
     check_attention_backend(opts.attention, device, amp, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.dropout)
     step_model = compile_model(model, opts.compile_mode, opts.compile_scope) if opts.compile else model
@@ -135,7 +155,7 @@ def make_step(
             with autocast_context(device, amp):
                 loss = step_model(x, y)[1]
             (loss / opts.grad_accum).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        sharding.clip_grad_norm_(list(model.parameters()), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -183,6 +203,7 @@ def bench_one(
         "fused_loss": opts.fused_loss,
         "pad_vocab": opts.pad_vocab,
         "fused_adamw": opts.fused_adamw,
+        "fsdp": opts.fsdp,
         "step_ms": round(step_s * 1000, 2),
         "tokens_per_sec": round(tokens_per_sec),
         "mfu": round(model.flops_per_token(seq_len) * tokens_per_sec / peak, 4) if peak else None,
@@ -191,32 +212,39 @@ def bench_one(
     }
 
 
-def activation_memory(preset: str, seq_len: int, device: torch.device, opts: StepOptions) -> dict:
+def activation_memory(preset: str, seq_len: int, device: torch.device, opts: StepOptions, world_size: int = 8) -> dict:
     """The memory autograd keeps alive for the backward pass (the storages behind the saved
     tensors, each counted once, views included in their storage) for 1 and 2 sequences: the
     difference is the cost of each further sequence in the micro-batch; the rest is fixed per
     step (low-precision weight copies, the fused loss's gradient of the output layer).
     Transient buffers (a layer's output before the next layer takes it, the gradient of the
     logits) are not in it. It runs on a CPU: the model and autocast keep the same tensors there,
-    except that the attention kernel's own buffers may differ from a GPU kernel's."""
-    model = build_model(preset, device, opts.pad_vocab, opts.activation_checkpointing, opts.fused_loss)
+    except that the attention kernel's own buffers may differ from a GPU kernel's.
+    With opts.fsdp, the model is sharded (over one process) and what each of world_size ranks
+    would hold is added: its shards, and the gathered weights and gradients in flight."""
     amp = autocast_dtype(opts.dtype, device)
+    fsdp_amp = amp if opts.fsdp else False
+    model = build_model(preset, device, opts.pad_vocab, opts.activation_checkpointing, opts.fused_loss, fsdp_amp)
 
     def saved_bytes(batch_size: int) -> int:
-        storages: dict[int, int] = {}
+        saved: list[torch.UntypedStorage] = []
 
         def pack(t: torch.Tensor) -> torch.Tensor:
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            saved.append(t.untyped_storage())
             return t
 
         idx = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), device=device)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast_context(device, amp):
             model(idx, idx)
+        # FSDP's gathered weights are counted apart: the blocks' are freed by now (0 bytes), and
+        # the root's, still gathered, are the model's parameters at this moment
+        gathered = {local(p).untyped_storage().data_ptr() for p in model.parameters()} if opts.fsdp else set()
+        storages = {s.data_ptr(): s.nbytes() for s in saved if s.data_ptr() not in gathered}
         return sum(storages.values())
 
     one, two = saved_bytes(1), saved_bytes(2)
     n_params = sum(p.numel() for p in model.parameters())
-    return {
+    row = {
         "model": preset,
         "seq_len": seq_len,
         "dtype": dtype_name(amp),
@@ -227,6 +255,16 @@ def activation_memory(preset: str, seq_len: int, device: torch.device, opts: Ste
         # fp32 weights, gradients and AdamW's two moments
         "weights_grads_adam_gib": round(16 * n_params / 2**30, 2),
     }
+    if opts.fsdp:
+        share = sharding.per_rank_bytes(model.config, world_size, (amp or torch.float32).itemsize)
+        row["fsdp_world_size"] = world_size
+        row["per_rank_weights_grads_adam_gib"] = round(share["state"] / 2**30, 2)
+        row["per_rank_gathered_gib"] = round(share["gathered"] / 2**30, 2)
+    return row
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def describe(result: dict, variant: str) -> str:
@@ -245,11 +283,17 @@ def describe(result: dict, variant: str) -> str:
 
 
 def describe_memory(row: dict, variant: str) -> str:
-    return (
+    line = (
         f"{row['model']:12s} T={row['seq_len']} {row['dtype']:8s} {variant}  kept for backward: "
         f"{row['per_sequence_mib']:8.1f} MiB per sequence + {row['fixed_mib']:7.1f} MiB per step; "
         f"weights, gradients and AdamW state {row['weights_grads_adam_gib']} GiB"
     )
+    if "fsdp_world_size" in row:
+        line += (
+            f"; per rank of {row['fsdp_world_size']}: {row['per_rank_weights_grads_adam_gib']} GiB of it, "
+            f"+ about {row['per_rank_gathered_gib']} GiB of gathered weights and gradients"
+        )
+    return line
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -286,12 +330,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="instead of timing, count the bytes kept for the backward pass per sequence (works on a CPU)",
     )
+    p.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="shard the model with FSDP as train.py --fsdp does, over a process group of one (this process)",
+    )
+    p.add_argument(
+        "--world-size",
+        type=int,
+        default=8,
+        metavar="N",
+        help="with --activation-memory --fsdp: also give what each of N ranks would hold",
+    )
     p.add_argument("--json", action="store_true", help="one JSON object per configuration instead of a table")
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 1 or args.grad_accum < 1:
         p.error("--steps, --warmup and --grad-accum must be >= 1")
-    if args.activation_checkpointing < 0 or args.pad_vocab < 1:
-        p.error("--activation-checkpointing must be >= 0 and --pad-vocab >= 1")
+    if args.activation_checkpointing < 0 or args.pad_vocab < 1 or args.world_size < 1:
+        p.error("--activation-checkpointing must be >= 0, --pad-vocab and --world-size >= 1")
     try:
         args.device = resolve_device(args.device)
     except ConfigError as e:
@@ -314,7 +370,8 @@ def step_options(args: argparse.Namespace) -> StepOptions:
 def run_activation_memory(args: argparse.Namespace, device: torch.device, opts: StepOptions) -> None:
     for preset in args.model:
         with attention_context(opts.attention):
-            row = activation_memory(preset, args.seq_len or config_from_preset(preset).block_size, device, opts)
+            seq_len = args.seq_len or config_from_preset(preset).block_size
+            row = activation_memory(preset, seq_len, device, opts, args.world_size)
         print(json.dumps(row) if args.json else describe_memory(row, opts.label(timed=False)), flush=True)
 
 
@@ -350,6 +407,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG
+    finally:
+        teardown_distributed()  # the process group of one that --fsdp started
     return EXIT_OK
 
 

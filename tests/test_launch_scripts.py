@@ -164,3 +164,12 @@ def test_term_waits_for_the_trainer_and_says_how_to_go_on(script, tmp_path):
     assert f"to go on, submit again with RUN_DIR={tmp_path / 'run'}" in err
     calls = tmp_path / "scontrol_calls"
     assert not calls.exists() or "requeue" not in calls.read_text()
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_training_flags_reach_train_py_unchanged(script, tmp_path):
+    seen = tmp_path / "argv"
+    commands = {**CLUSTER, "torchrun": f'echo "$@" > {seen}', "srun": f'echo "$@" > {seen}'}
+    out = run_script(script, tmp_path, "--model", "gpt2-xl", "--fsdp", "--fsdp-grad-sync", "step", commands=commands)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert seen.read_text().split()[-5:] == ["--model", "gpt2-xl", "--fsdp", "--fsdp-grad-sync", "step"]
