@@ -27,7 +27,7 @@ declare -A ESTIMATE_S=(
     # accumulation per optimizer step, which spreads the optimizer's cost over them
     [gpt2-step-fused]=50 # gpt2-step with the fused loss
     [xl-batch24]=60      # 1.5B, 4 micro-batches of 24 (98,304 tokens), block by block, fused loss
-    [fsdp]=130           # the gpt2 and xl items (plain loss) with --fsdp: one process, a process group of one
+    [fsdp]=90            # the gpt2 and xl items (plain loss) with --fsdp: one process, a process group of one
     [gpt2-step-ma]=180   # gpt2-step (plain loss) compiled with max-autotune-no-cudagraphs (matmul autotuning)
     [gpt2-step]=50       # 124M, 8 micro-batches of 64: 524,288 tokens (GPT-2's batch), cuDNN attention, plain loss
     [xl-batch]=50        # 1.5B, 4 micro-batches of 16 (65,536 tokens), block by block, plain loss
