@@ -67,7 +67,9 @@ class StopSignal:
 
     def __init__(self):
         self.received: int | None = None
-        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        # (a process started with Ctrl-C ignored, as a shell's background jobs are, keeps ignoring it)
+        wanted = [sig for sig in self.SIGNALS if not (sig == signal.SIGINT and signal.getsignal(sig) == signal.SIG_IGN)]
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in wanted}
 
     def _handle(self, signum, frame) -> None:
         if signum == signal.SIGINT and self.received == signal.SIGINT:
