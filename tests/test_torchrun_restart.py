@@ -40,7 +40,6 @@ def test_attempt_store_gives_all_ranks_one_new_prefix_whatever_earlier_attempts_
     # what a failed attempt leaves in the queue: a request nobody answered, a confirmation nobody read
     second = attempt(3, leftovers=["ask:0123456789abcdef", "have:an-earlier-attempt"])
     second[1].set("address/1", "fresh")
-    assert second[0].get("address/1") == b"fresh"
     assert [store.check(["address/0"]) for store in second.values()] == [False] * 3  # no earlier key shows
     assert {rank: store.get("address/1") for rank, store in second.items()} == dict.fromkeys(range(3), b"fresh")
 
