@@ -9,6 +9,11 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
+import sys
+import threading
+import time
+import uuid
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -117,19 +122,98 @@ def setup_distributed(device_name: str, timeout_min: float = 10.0) -> tuple[Dist
         # what stays in fp32 outside autocast (optimizer maths, fp32 runs) may use TF32 tensor cores
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        stop_when_agent_dies()
     if d.enabled:
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(
-            backend=backend,
-            timeout=datetime.timedelta(minutes=timeout_min),
-            **({"device_id": device} if backend == "nccl" else {}),
-        )
+        timeout = datetime.timedelta(minutes=timeout_min)
+        options = {"device_id": device} if backend == "nccl" else {}
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":  # torchrun's store: see attempt_store
+            store = attempt_store(agent_store(timeout), d.rank, d.world_size)
+            options.update(store=store, rank=d.rank, world_size=d.world_size)
+        dist.init_process_group(backend=backend, timeout=timeout, **options)
     return d, device
 
 
 def teardown_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+# ---- living under torchrun ----
+
+# The store key through which the workers of one torchrun attempt agree on its name.
+ATTEMPT_QUEUE = "gpt2_trainer/attempts"
+# How long workers whose torchrun died get to stop on their own before they exit regardless:
+# what torchrun itself gives its workers between its SIGTERM and its SIGKILL.
+AGENT_GONE_GRACE_S = 30.0
+
+
+def agent_store(timeout: datetime.timedelta) -> dist.Store:
+    """A client of the store that the torchrun agent hosts (MASTER_ADDR:MASTER_PORT)."""
+    store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
+    store.set_timeout(timeout)
+    return store
+
+
+def attempt_store(store: dist.Store, rank: int, world_size: int) -> dist.Store:
+    """The part of torchrun's store that only the workers of this attempt use.
+
+    The agent's store outlives its workers: after a restart it still holds what the failed
+    attempt's process group wrote there (gloo's listening addresses, NCCL's ids), and a new
+    worker that reads a peer's key before the peer rewrites it connects to a dead process. The
+    environment does not name the attempt (TORCHELASTIC_RESTART_COUNT counts one node's
+    restarts, not the rendezvous rounds every node shares), so rank 0 names it with a random id
+    and hands it to each rank under a key that rank chose at random, which no earlier attempt
+    can have written. Rank 0 answers every request in the queue, earlier attempts' included,
+    and stops when every rank has confirmed that it holds this attempt's id.
+    """
+    if rank == 0:
+        attempt, confirmed = uuid.uuid4().hex, 0
+        while confirmed < world_size - 1:
+            kind, _, value = store.queue_pop(ATTEMPT_QUEUE).decode().partition(":")
+            if kind == "ask":
+                store.set(f"{ATTEMPT_QUEUE}/{value}", attempt)
+            elif value == attempt:
+                confirmed += 1
+    else:
+        ticket = uuid.uuid4().hex
+        store.queue_push(ATTEMPT_QUEUE, f"ask:{ticket}")
+        attempt = store.get(f"{ATTEMPT_QUEUE}/{ticket}").decode()
+        store.queue_push(ATTEMPT_QUEUE, f"have:{attempt}")
+    return dist.PrefixStore(f"attempt/{attempt}", store)
+
+
+def stop_when_agent_dies(grace_s: float = AGENT_GONE_GRACE_S, poll_s: float = 1.0) -> threading.Thread:
+    """Stops this worker when its parent, the torchrun agent, is gone: a worker nobody supervises
+    would train on alone, and a restart of the job would find it still writing to the run.
+
+    The worker gets SIGTERM, as if torchrun had stopped it (train.py saves a checkpoint at the
+    next step boundary and exits 75); one that has not exited after grace_s exits with
+    EXIT_ERROR, which loses no saved checkpoint since checkpoints are published atomically.
+    """
+    agent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == agent:  # an orphan's parent becomes init (or a subreaper)
+            time.sleep(poll_s)
+        _warn(f"torchrun (pid {agent}) is gone; stopping")
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(grace_s)
+        _warn(f"still running {grace_s:g}s after SIGTERM; exiting")
+        os._exit(EXIT_ERROR)
+
+    thread = threading.Thread(target=watch, name="stop-when-agent-dies", daemon=True)
+    thread.start()
+    return thread
+
+
+def _warn(message: str) -> None:
+    """A line on stderr that cannot fail: whoever read it (torchrun's log pipe) may be gone."""
+    try:
+        print(f"[rank {os.environ.get('RANK', 0)}] {message}", file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
 
 
 def peak_flops(device: torch.device) -> float | None:
