@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from files import sha256_file
+
 GPT2_VOCAB_BPE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe"
 GPT2_ENCODER_JSON_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json"
 # The sha256 that tiktoken's own gpt2 encoding checks for these two files.
@@ -63,10 +65,6 @@ class Tokenizer:
         return self.backend.decode(ids)  # tiktoken and transformers spell it alike
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _tiktoken_cache_dir() -> Path | None:
     """Where tiktoken caches downloads, by its own rules; None when caching is off (set to "")."""
     for var in ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR"):
@@ -82,7 +80,7 @@ def _tiktoken_cache_has_gpt2() -> bool:
         return False
     for url, sha in ((GPT2_VOCAB_BPE_URL, GPT2_VOCAB_BPE_SHA256), (GPT2_ENCODER_JSON_URL, GPT2_ENCODER_JSON_SHA256)):
         path = cache / hashlib.sha1(url.encode()).hexdigest()  # tiktoken's cache key
-        if not path.is_file() or _sha256(path) != sha:
+        if not path.is_file() or sha256_file(path) != sha:
             return False
     return True
 
@@ -97,7 +95,7 @@ def packaged_gpt2_files() -> tuple[Path, Path] | None:
     vocab, encoder = data / "vocab.bpe", data / "encoder.json"
     if not (vocab.is_file() and encoder.is_file()):
         return None
-    if _sha256(vocab) != GPT2_VOCAB_BPE_SHA256 or _sha256(encoder) != GPT2_ENCODER_JSON_SHA256:
+    if sha256_file(vocab) != GPT2_VOCAB_BPE_SHA256 or sha256_file(encoder) != GPT2_ENCODER_JSON_SHA256:
         return None
     return vocab, encoder
 

