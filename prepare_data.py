@@ -405,6 +405,8 @@ def _find_cut(data: bytes, searched: int) -> tuple[int | None, int]:
     known to hold none. Returns (None, searched) when none is found yet: only the bytes read
     decide, never how they were read, so a resumed run cuts where an uninterrupted one did."""
     target = _char_start(data, TASK_BYTES)
+    if len(data) < target + 8:  # (a match needs up to 8 bytes after it)
+        return None, searched
     if searched < target:
         text, lo = _window(data, max(0, target - _CUT_SEARCH_CHARS), target + 8)
         head = len(data[lo:target].decode("utf-8", "surrogateescape"))
@@ -416,7 +418,7 @@ def _find_cut(data: bytes, searched: int) -> tuple[int | None, int]:
         if last:
             return _byte_offset(text, last, lo), searched
     start = _char_start(data, max(target, searched))
-    end = min(len(data), MAX_TASK_BYTES + 8)  # (a match needs up to 8 bytes after it)
+    end = min(len(data), MAX_TASK_BYTES + 8)
     text, lo = _window(data, max(0, start - 8), end)
     match = _SAFE_CUT.search(text, len(data[lo:start].decode("utf-8", "surrogateescape")))
     if match and _byte_offset(text, match.start(), lo) < MAX_TASK_BYTES:
@@ -696,9 +698,15 @@ def _document_pieces(text: str, where: str, stats: Stats) -> Iterator[tuple[str,
 _WORKER_ENCODER: _Encoder | None = None
 
 
-def _start_worker(encoder: _Encoder) -> None:
+def _start_worker(encoder: _Encoder, parent: int) -> None:
     global _WORKER_ENCODER
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the main process, which stops the pool
+    if sys.platform == "linux":  # a main process killed (kill -9) takes its workers with it
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:
+            os._exit(1)
     _WORKER_ENCODER = encoder
 
 
@@ -716,7 +724,7 @@ def _results(tasks: Iterable[_Task], encoder: _Encoder, workers: int) -> Iterato
     # slower and less predictably than processes (see BENCHMARKS.md, "Data pipeline").
     # fork passes the loaded tokenizer to the workers at no cost; elsewhere they load it by name.
     context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(encoder,))
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(encoder, os.getpid()))
     try:
         in_flight: collections.deque = collections.deque()
         for task in tasks:
