@@ -714,17 +714,32 @@ def _encode_in_worker(task: _Task) -> _Result:
     return _WORKER_ENCODER(task)
 
 
-def _results(tasks: Iterable[_Task], encoder: _Encoder, workers: int) -> Iterator[tuple[_Task, _Result]]:
-    """Each task with its result, in input order, computed by `workers` processes."""
-    if workers == 1:  # no pool: the same work, without handing it over
-        for task in tasks:
-            yield task, encoder(task)
+@contextmanager
+def _worker_pool(encoder: _Encoder, workers: int) -> Iterator[ProcessPoolExecutor | None]:
+    """`workers` tokenizer processes (None for one: the work is then done in this process)."""
+    if workers == 1:
+        yield None
         return
     # Processes, not threads: threads of one process share the GIL and an allocator, and ran
     # slower and less predictably than processes (see BENCHMARKS.md, "Data pipeline").
     # fork passes the loaded tokenizer to the workers at no cost; elsewhere they load it by name.
     context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
     pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(encoder, os.getpid()))
+    try:
+        pool.submit(int)  # forks the workers now, before this process starts threads of its own
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _results(
+    tasks: Iterable[_Task], encoder: _Encoder, pool: ProcessPoolExecutor | None, workers: int
+) -> Iterator[tuple[_Task, _Result]]:
+    """Each task with its result, in input order."""
+    if pool is None:
+        for task in tasks:
+            yield task, encoder(task)
+        return
     try:
         in_flight: collections.deque = collections.deque()
         for task in tasks:
@@ -742,8 +757,6 @@ def _results(tasks: Iterable[_Task], encoder: _Encoder, workers: int) -> Iterato
             "HINT: run the same command again, with fewer --workers if memory is short: it continues after "
             "the last shard written."
         ) from e
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ---- putting results in order ----
@@ -1308,10 +1321,11 @@ def _tokenize(
     else:
         tasks = _dataset_tasks(cfg, position)
     encoder = _Encoder(tokenizer, dtype, cfg.text_field, cfg.strict_utf8)
-    with _progress_bar(files, position) as bar:
+    workers = cfg.workers or _cores()
+    with _worker_pool(encoder, workers) as pool, _progress_bar(files, position) as bar:
         started = bool(files) and position != "end" and position[1] > 0  # mid-way into a text file
         assembler = _Assembler(encoder.eot, stats, started, lambda message: bar.write(message, file=sys.stderr))
-        for task, result in _results(tasks, encoder, cfg.workers or _cores()):
+        for task, result in _results(tasks, encoder, pool, workers):
             for part in assembler.add(task, result):
                 tokens += len(part)
                 drop = max(0, min(len(part), on_disk - tokens + len(part)))
