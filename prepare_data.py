@@ -399,24 +399,28 @@ def _byte_offset(text: str, index: int, lo: int) -> int:
     return lo + len(text[:index].encode("utf-8", "surrogateescape"))
 
 
-def _find_cut(data: bytes, searched: int) -> tuple[int | None, int]:
-    """A safe cut point in `data` as a byte offset: the last in the _CUT_SEARCH_CHARS bytes
-    before TASK_BYTES, else the first after it and before MAX_TASK_BYTES. data[:searched] is
-    known to hold none. Returns (None, searched) when none is found yet: only the bytes read
-    decide, never how they were read, so a resumed run cuts where an uninterrupted one did."""
-    target = _char_start(data, TASK_BYTES)
-    if len(data) < target + 8:  # (a match needs up to 8 bytes after it)
+def _find_cut(data: bytes, searched: int, base: int = 0) -> tuple[int | None, int]:
+    """A safe cut point, as a byte offset from the start of the task: the last in the
+    _CUT_SEARCH_CHARS bytes before TASK_BYTES, else the first after it and before MAX_TASK_BYTES.
+    `data` holds the text from byte `base` of the task on (a window around TASK_BYTES for base > 0,
+    which can only give the first answer); its first `searched` bytes are known to hold none.
+    Returns (None, searched) when none is found yet. Only the bytes decide, never how they were
+    read, so a resumed run cuts where an uninterrupted one did."""
+    target = base + _char_start(data, TASK_BYTES - base)
+    if base + len(data) < target + 8:  # (a match needs up to 8 bytes after it)
         return None, searched
     if searched < target:
-        text, lo = _window(data, max(0, target - _CUT_SEARCH_CHARS), target + 8)
-        head = len(data[lo:target].decode("utf-8", "surrogateescape"))
+        text, lo = _window(data, max(0, target - _CUT_SEARCH_CHARS) - base, target - base + 8)
+        head = len(data[lo : target - base].decode("utf-8", "surrogateescape"))
         last = None
         for match in _SAFE_CUT.finditer(text):
             if match.start() > head:
                 break
             last = match.start()
         if last:
-            return _byte_offset(text, last, lo), searched
+            return base + _byte_offset(text, last, lo), searched
+    if base:
+        return None, target
     start = _char_start(data, max(target, searched))
     end = min(len(data), MAX_TASK_BYTES + 8)
     text, lo = _window(data, max(0, start - 8), end)
@@ -432,9 +436,10 @@ def _find_cut(data: bytes, searched: int) -> tuple[int | None, int]:
 @dataclass
 class _Task:
     kind: str  # "text" (a stretch of one text file), "jsonl" (whole lines) or "docs" (dataset examples)
-    data: bytes | list[str]
+    data: bytes | list[str] | None  # None: the worker reads `length` bytes at `offset` of the file `where`
     where: str  # the file or dataset, for messages
     offset: int = 0  # of data in the file (bytes), or the first example's index
+    length: int = 0
     lineno: int = 1  # of the first line, for "jsonl"
     forced_cuts: int = 0
     file_end: bool = False  # the last task of its file
@@ -462,6 +467,44 @@ def _text_file_tasks(stream: _Utf8Stream, index: int, done: int) -> Iterator[_Ta
             end, read = (index + 1, 0, 1), done + stream.raw_position()
             yield _Task("text", data, where, offset, forced_cuts=forced, file_end=True, end=end, read=read)
             return
+
+
+def _plain_text_file_tasks(stream: _Utf8Stream, index: int, done: int) -> Iterator[_Task]:
+    """A .txt file in UTF-8 as _text_file_tasks cuts it, but reading only a few kB around each
+    cut point: the workers read the text themselves, so this process never holds or copies it."""
+    where, offset, size = str(stream.path), stream.position, stream.path.stat().st_size
+    while True:
+        cut, forced = _next_cut(stream.file, offset)
+        end, read = ((index, offset + cut, 1), done + offset + cut) if cut else ((index + 1, 0, 1), done + size)
+        length = cut or size - offset
+        yield _Task("text", None, where, offset, length, forced_cuts=forced, file_end=not cut, end=end, read=read)
+        if not cut:
+            return
+        offset += cut
+
+
+def _next_cut(file: BinaryIO, offset: int) -> tuple[int | None, int]:
+    """(cut, forced cuts) for the task at `offset` of a plain file; (None, 0) when the rest of the
+    file is one task. The window around TASK_BYTES nearly always holds a cut point; where it does
+    not, the task's bytes are read from its start, as _text_file_tasks would."""
+    base = max(0, TASK_BYTES - _CUT_SEARCH_CHARS - 16)
+    file.seek(offset + base)
+    cut, searched = _find_cut(file.read(TASK_BYTES - base + 8), 0, base)
+    if cut is not None:
+        return cut, 0
+    file.seek(offset)
+    data = b""
+    while True:
+        block = file.read(READ_BYTES)
+        data += block
+        if len(data) > TASK_BYTES:
+            cut, searched = _find_cut(data, searched)
+            if cut is not None:
+                return cut, 0
+            if len(data) >= MAX_TASK_BYTES + 8:
+                return _char_start(data, TASK_BYTES), 1
+        if not block:
+            return None, 0
 
 
 def _jsonl_file_tasks(stream: _Utf8Stream, index: int, lineno: int, done: int) -> Iterator[_Task]:
@@ -493,6 +536,8 @@ def _file_tasks(files: list[Path], start: list) -> Iterator[_Task]:
             try:
                 if path.name.endswith((".jsonl", ".jsonl.gz")):
                     yield from _jsonl_file_tasks(stream, i, lineno if i == index else 1, done)
+                elif stream.decoder is None and not isinstance(stream.file, gzip.GzipFile):
+                    yield from _plain_text_file_tasks(stream, i, done)
                 else:
                     yield from _text_file_tasks(stream, i, done)
             finally:
@@ -636,7 +681,8 @@ class _Encoder:
     def __call__(self, task: _Task) -> _Result:
         stats = Stats(forced_cuts=task.forced_cuts)
         if task.kind == "text":
-            text = _decode(task.data, task.where, task.offset, stats, self.strict)
+            data = task.data if task.data is not None else _read_range(task.where, task.offset, task.length)
+            text = _decode(data, task.where, task.offset, stats, self.strict)
             if "\x00" in text:  # (the start of the file was checked; this is further in)
                 raise _nul_error(task.where, task.offset + len(text[: text.index("\x00")].encode()))
             return _Result(self.tokens([(text, False)]), stats, blank=not text.strip())
@@ -683,6 +729,18 @@ class _Encoder:
             parts.append(arr)
         # Every id is below vocab_size, which fits the dtype by construction (token_dtype).
         return np.concatenate(parts, dtype=self.dtype, casting="unsafe")
+
+
+def _read_range(path: str, offset: int, length: int) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read(length)
+    except OSError as e:
+        raise DataPrepError(f"{path}: could not be read ({type(e).__name__}: {e}).") from e
+    if len(data) != length:
+        raise DataPrepError(f"{path}: changed while it was being read.\nHINT: run again once it is complete.")
+    return data
 
 
 def _document_pieces(text: str, where: str, stats: Stats) -> Iterator[tuple[str, bool]]:

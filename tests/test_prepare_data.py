@@ -597,7 +597,7 @@ def count_tokenized_bytes(monkeypatch) -> dict:
     call = prepare_data._Encoder.__call__
 
     def counting(self, task):
-        seen["bytes"] += len(task.data) if task.kind != "docs" else 0
+        seen["bytes"] += (task.length if task.data is None else len(task.data)) if task.kind != "docs" else 0
         seen["examples"] += len(task.data) if task.kind == "docs" else 0
         return call(self, task)
 
@@ -805,6 +805,10 @@ def test_cut_points_do_not_depend_on_how_the_bytes_were_read(monkeypatch):
         cuts[read_bytes] = [(t.offset, t.data, t.forced_cuts) for t in prepare_data._text_file_tasks(stream, 0, 0)]
         stream.close()
     assert cuts[1] == cuts[7] == cuts[64] == cuts[100_000] and len(cuts[1]) > 50
+    stream = prepare_data._Utf8Stream(Path("blob.txt"))  # reading only windows around the cut points
+    windows = [(t.offset, t.length, t.forced_cuts) for t in prepare_data._plain_text_file_tasks(stream, 0, 0)]
+    stream.close()
+    assert windows == [(offset, len(data), forced) for offset, data, forced in cuts[1]]
     text = bytes(data).decode("utf-8", "replace")
     assert "".join(t.decode("utf-8", "replace") for _, t, _ in cuts[1]) == text
     assert any(forced for _, _, forced in cuts[1])  # the test covers forced cuts too
