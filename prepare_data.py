@@ -474,7 +474,7 @@ def _plain_text_file_tasks(stream: _Utf8Stream, index: int, done: int) -> Iterat
     cut point: the workers read the text themselves, so this process never holds or copies it."""
     where, offset, size = str(stream.path), stream.position, stream.path.stat().st_size
     while True:
-        cut, forced = _next_cut(stream.file, offset)
+        cut, forced = _next_cut(stream.file, offset) if size - offset > TASK_BYTES else (None, 0)
         end, read = ((index, offset + cut, 1), done + offset + cut) if cut else ((index + 1, 0, 1), done + size)
         length = cut or size - offset
         yield _Task("text", None, where, offset, length, forced_cuts=forced, file_end=not cut, end=end, read=read)
