@@ -100,7 +100,6 @@ PIECE_CHARS = 1 << 18  # a long document (a JSONL line, a dataset example) is to
 MAX_PIECE_CHARS = 1 << 24
 SNIFF_BYTES = 1 << 13  # the start of each file, checked to be text before anything is written
 MAX_NOT_TEXT = 0.3  # a file is refused as not text when more of its first characters are invalid or control
-STAGE_BLOCK_TOKENS = 1 << 24
 META_NAME = "meta.json"
 MARKER_NAME = ".prepare_in_progress.json"
 STAGE_NAME = "tokens.stage"  # all tokens, before a --val-fraction split
@@ -980,7 +979,7 @@ class _Stage:
         self.on_disk(self.total, {"staged": self.total, "itemsize": self.itemsize})
 
     def close(self) -> int:
-        self._sync()
+        # (not synced: if the shards cut from it are not all written, a rerun resumes from the last sync)
         self.file.close()
         return self.total
 
@@ -993,13 +992,14 @@ class _Stage:
 
 
 def _shards_from_stage(out: Path, dtype: np.dtype, shard_tokens: int, total: int, val_tokens: int) -> dict:
-    writer = ShardWriter(out, dtype, shard_tokens, val_tokens)
-    if total:
-        staged = np.memmap(out / STAGE_NAME, dtype=dtype, mode="r", shape=(total,))
-        for i in range(0, total, STAGE_BLOCK_TOKENS):
-            writer.write(staged[i : i + STAGE_BLOCK_TOKENS])
-        del staged
-    return writer.close()
+    """Cut the staging file into val and train shards, as a ShardWriter would, straight from the page cache."""
+    staged = np.memmap(out / STAGE_NAME, dtype=dtype, mode="r", shape=(total,)) if total else np.empty(0, dtype)
+    shards: dict[str, list[dict]] = {"train": [], "val": []}
+    for split, lo, hi in (("val", 0, min(val_tokens, total)), ("train", min(val_tokens, total), total)):
+        for i, start in enumerate(range(lo, hi, shard_tokens)):
+            name, piece = f"{split}_{i:06d}.npy", staged[start : min(start + shard_tokens, hi)]
+            shards[split].append({"file": name, "tokens": len(piece), "sha256": _write_npy(out / name, piece)})
+    return shards
 
 
 def finish_dataset(
