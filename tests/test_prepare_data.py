@@ -904,3 +904,14 @@ def test_every_setting_is_one_dataclass_field_and_one_flag():
 def test_flags_that_cannot_work_together_exit_with_status_2(capsys):
     assert main(["a.txt", "--val-tokens", "5", "--val-fraction", "0.1"]) == 2
     assert "give --val-tokens or --val-fraction, not both" in capsys.readouterr().err
+
+
+def test_an_encoder_sent_to_a_spawned_worker_loads_its_tokenizer_by_name(gpt2):
+    """Where workers are spawned, not forked (macOS, Windows), the encoder travels by name."""
+    import pickle
+
+    encoder = prepare_data._Encoder(gpt2, np.dtype(np.uint16), "text", strict=False)
+    copy = pickle.loads(pickle.dumps(encoder))
+    assert copy.tokenizer is not gpt2 and copy.tokenizer.name == "gpt2"
+    task = prepare_data._Task("jsonl", b'{"text": "Hello world"}\n', "x.jsonl")
+    assert np.array_equal(copy(task).tokens, encoder(task).tokens)
