@@ -639,7 +639,7 @@ def expand_inputs(specs: list[str]) -> list[Path]:
                     f"{path}: a {path.suffix} file is not text or JSONL, which is what this reads.\nHINT: {hint}."
                 )
         files.extend(found)
-    for path in files:  # refused now, before anything is written
+    for path in files:  # refused before anything is written
         try:
             _Utf8Stream(path).close()
         except (EOFError, zlib.error, gzip.BadGzipFile) as e:
@@ -783,7 +783,7 @@ def _worker_pool(encoder: _Encoder, workers: int) -> Iterator[ProcessPoolExecuto
     context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
     pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(encoder, os.getpid()))
     try:
-        pool.submit(int)  # forks the workers now, before this process starts threads of its own
+        pool.submit(int)  # forks the workers at once, before this process starts threads of its own
         yield pool
     finally:
         pool.shutdown(wait=True, cancel_futures=True)

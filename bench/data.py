@@ -5,14 +5,15 @@
 
 1. `python prepare_data.py INPUT` as a new process, end to end (interpreter, imports,
    tokenizer, reading, tokenizing, writing the shards and meta.json), against tiktoken alone
-   on the same text already in memory, on all cores: in worker processes (a fork Pool, as a
-   user would write it by hand) and on threads of this process. The text goes to tiktoken in
-   pieces of about 1 MB cut at line ends, so that one large file spreads over the cores too.
-   Inputs: the corpus directory, and all its text as one large file. Every round runs each
-   measurement once, in turn, so that load from other processes hits all of them alike; the
-   best of `--repeat` rounds is compared, and every round is printed.
-2. `--fresh-threads`: tiktoken on threads in new processes (the tokenizer loaded, the text
-   read, then timed), a few runs, to see the spread from one process to the next.
+   on the same text already in memory, on all cores: in worker processes (a fork Pool started
+   before the timing, the tokens sent back as uint16 arrays: what a user would write by hand)
+   and on threads of this process (its first round is the first use of the tokenizer here).
+   The text goes to tiktoken in pieces of about 1 MB cut at line ends, so that one large file
+   spreads over the cores too. Inputs: the corpus directory, and all its text as one large
+   file. Every round runs each measurement once, in turn, so that load from other processes
+   hits all of them alike; the best of `--repeat` rounds is compared, and every round printed.
+2. `--fresh-threads N`: tiktoken on threads in N new processes (the tokenizer loaded, the text
+   read, then timed), and in N more whose main thread encodes a few characters first.
 3. ShardedDataLoader.next_batch for B=64, T=1024 on the shards written.
 """
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
 import resource
 import statistics
 import subprocess
@@ -29,6 +31,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -64,12 +67,19 @@ def _cpu_seconds() -> float:
     )
 
 
-def tiktoken_processes(pieces: list[str], workers: int) -> tuple[float, int, float]:
-    """Wall seconds of a fork Pool encoding the pieces, pool start included; the token count; CPU seconds."""
-    start, cpu = time.perf_counter(), _cpu_seconds()
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
-        tokens = sum(len(a) for a in pool.imap(_encode, pieces))
-    return time.perf_counter() - start, tokens, _cpu_seconds() - cpu
+def _pool_cpu_seconds(pool: Any) -> float:
+    """CPU seconds of this process and of a Pool's worker processes (Linux: from /proc)."""
+    ticks = sum(
+        sum(map(int, Path(f"/proc/{p.pid}/stat").read_text().rsplit(")", 1)[1].split()[11:13])) for p in pool._pool
+    )
+    return time.process_time() + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def tiktoken_processes(pool: Any, pieces: list[str]) -> tuple[float, int, float]:
+    """Wall seconds of a running fork Pool encoding the pieces; the token count; CPU seconds."""
+    start, cpu = time.perf_counter(), _pool_cpu_seconds(pool)
+    tokens = sum(len(a) for a in pool.imap(_encode, pieces))
+    return time.perf_counter() - start, tokens, _pool_cpu_seconds(pool) - cpu
 
 
 def tiktoken_threads(pieces: list[str], workers: int) -> tuple[float, int, float]:
@@ -97,8 +107,10 @@ from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 from tokenizer import get_tokenizer
 enc = get_tokenizer("gpt2").backend
+if sys.argv[3] == "main-first":
+    enc.encode_ordinary("a few words")
 pieces = []
-for text in [p.read_bytes().decode("utf-8", "replace") for p in map(Path, sys.argv[3:])]:
+for text in [p.read_bytes().decode("utf-8", "replace") for p in map(Path, sys.argv[4:])]:
     start = 0
     while start < len(text):  # as pieces_of
         end = text.find("\\n", start + (1 << 20)) + 1 or len(text)
@@ -112,20 +124,24 @@ print(tokens, time.perf_counter() - start, time.process_time() - cpu)
 
 
 def fresh_threads(files: list[Path], workers: int, runs: int) -> None:
-    """tiktoken on threads, each run in a new process: the spread between processes."""
-    print(f"tiktoken on {workers} threads in a new process (tokenizer loaded and text read first), {runs} runs:")
-    for _ in range(runs):
-        command = [sys.executable, "-c", FRESH_THREADS, str(ROOT), str(workers), *map(str, files)]
+    """tiktoken on threads, each run in a new process: cold, or after the main thread used it once."""
+    print(f"tiktoken on {workers} threads in a new process (tokenizer loaded and text read first):")
+    for how in ["cold", "main-first"] * runs:
+        command = [sys.executable, "-c", FRESH_THREADS, str(ROOT), str(workers), how, *map(str, files)]
         tokens, wall, cpu = subprocess.run(command, check=True, capture_output=True, text=True).stdout.split()
-        print(f"  {int(tokens) / float(wall) / 1e6:5.2f} M tokens/s ({float(wall):.2f} s wall, {float(cpu):.2f} s CPU)")
+        print(
+            f"  {how:10s} {int(tokens) / float(wall) / 1e6:5.2f} M tokens/s ({float(wall):.2f} s wall, "
+            f"{float(cpu):.2f} s CPU: {int(tokens) / float(cpu) / 1e6:.2f} M tokens per CPU second)"
+        )
 
 
 def compare(name: str, source: Path, texts: list[str], workers: int, repeat: int, out: Path) -> None:
     pieces = pieces_of(texts)
     rounds = []
-    for _ in range(repeat):  # each measurement once per round, in turn
-        procs, threads = tiktoken_processes(pieces, workers), tiktoken_threads(pieces, workers)
-        rounds.append((procs, threads, prepare_data_cli(source, out, workers)))
+    with multiprocessing.get_context("fork").Pool(workers) as pool:  # started before any timing
+        for _ in range(repeat):  # each measurement once per round, in turn
+            procs, threads = tiktoken_processes(pool, pieces), tiktoken_threads(pieces, workers)
+            rounds.append((procs, threads, prepare_data_cli(source, out, workers)))
     tokens = rounds[0][0][1]
     best = [min(r[i][0] for r in rounds) for i in range(3)]
     ours = rounds[0][2][1]
