@@ -186,7 +186,7 @@ def open_split(data_dir: str | Path, split: str) -> tuple[list[tuple[str, np.nda
     if (data_dir / MARKER_NAME).exists() or any(data_dir.glob(f"{split}_*.npy*")):  # (.npy or .npy.tmp)
         raise DataError(
             f"{data_dir}: the preparation of this directory did not finish (no {META_NAME}).\n"
-            "HINT: run the same prepare_data.py command again; it starts over and finishes the job."
+            "HINT: run the same prepare_data.py command again; it continues after the last shard written."
         )
     paths = _foreign_shards(data_dir, split)
     if not paths:

