@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -88,12 +89,13 @@ def download(url: str, dest: Path, check: Callable[[Path], None] | None = None, 
 
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")
+    fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")  # one per caller
+    tmp, out = Path(name), os.fdopen(fd, "wb")
     print(f"downloading {url} -> {dest}", flush=True)
     try:
         with requests.get(url, stream=True, timeout=60) as response:
             response.raise_for_status()
-            with open(tmp, "wb") as f:
+            with out as f:
                 for block in response.iter_content(READ_BYTES):
                     f.write(block)
                 f.flush()
@@ -102,12 +104,14 @@ def download(url: str, dest: Path, check: Callable[[Path], None] | None = None, 
             check(tmp)
         os.replace(tmp, dest)
     except (requests.RequestException, OSError, ValueError) as e:
+        out.close()
         tmp.unlink(missing_ok=True)
         raise DownloadError(
             f"could not download {url} ({type(e).__name__}: {e}).\n"
             f"HINT: {hint or f'download it on a machine with network and copy it to {dest}'}"
         ) from e
     except BaseException:  # Ctrl-C: no partial file either
+        out.close()
         tmp.unlink(missing_ok=True)
         raise
     return dest
