@@ -98,5 +98,6 @@ def _gloo_worker(rank: int, fn: Callable, world_size: int, store: str, args: tup
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size, timeout=timeout)
     try:
         fn(rank, world_size, *args)
+        dist.barrier()  # no rank tears down its connections while another may still use them
     finally:
         dist.destroy_process_group()

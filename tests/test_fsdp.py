@@ -63,6 +63,7 @@ def _two_ranks(rank: int, store: str, out: str) -> None:
     try:
         report = _sharded_step(rank, Path(out))
         Path(out, f"rank{rank}.json").write_text(json.dumps(report))
+        dist.barrier()  # no rank tears down its connections while the other may still use them
     finally:
         dist.destroy_process_group()
 
