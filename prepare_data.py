@@ -103,7 +103,7 @@ MAX_NOT_TEXT = 0.3  # a file is refused as not text when more of its first chara
 META_NAME = "meta.json"
 MARKER_NAME = ".prepare_in_progress.json"
 STAGE_NAME = "tokens.stage"  # all tokens, before a --val-fraction split
-EXIT_ERROR, EXIT_CONFIG = 1, 2
+EXIT_ERROR, EXIT_CONFIG, EXIT_INTERRUPTED = 1, 2, 130
 TEXT_SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz")
 # Not text, and not read as such: tokenizing their bytes would make shards of noise.
 # (Files named otherwise, .md or no suffix at all, are text documents.)
@@ -1557,4 +1557,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # (main itself lets it through, as Python code calling it expects)
+        print("\ninterrupted: run the same command again to continue after the last shard written", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
