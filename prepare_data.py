@@ -73,6 +73,7 @@ import re
 import shlex
 import signal
 import sys
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator
@@ -103,7 +104,7 @@ MAX_NOT_TEXT = 0.3  # a file is refused as not text when more of its first chara
 META_NAME = "meta.json"
 MARKER_NAME = ".prepare_in_progress.json"
 STAGE_NAME = "tokens.stage"  # all tokens, before a --val-fraction split
-EXIT_ERROR, EXIT_CONFIG = 1, 2
+EXIT_ERROR, EXIT_CONFIG, EXIT_INTERRUPTED = 1, 2, 130
 TEXT_SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz")
 # Not text, and not read as such: tokenizing their bytes would make shards of noise.
 # (Files named otherwise, .md or no suffix at all, are text documents.)
@@ -188,7 +189,7 @@ class Stats:
         return warning
 
     def snapshot(self) -> dict:
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "warning"}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "warning"}
 
 
 # ---- reading text ----
@@ -777,10 +778,11 @@ def _worker_pool(encoder: _Encoder, workers: int) -> Iterator[ProcessPoolExecuto
     if workers == 1:
         yield None
         return
-    # Processes, not threads: threads of one process share the GIL and an allocator, and ran
-    # slower and less predictably than processes (see BENCHMARKS.md, "Data pipeline").
-    # fork passes the loaded tokenizer to the workers at no cost; elsewhere they load it by name.
-    context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    # Processes, not threads: threads share tiktoken's regex scratch pools; two often halve each other's speed.
+    # fork passes the loaded tokenizer to the workers at no cost; elsewhere they load it by name,
+    # as they must where a caller runs other threads (a fork copies their held locks, not them).
+    fork = sys.platform == "linux" and threading.active_count() == 1
+    context = multiprocessing.get_context("fork" if fork else "spawn")
     pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(encoder, os.getpid()))
     try:
         pool.submit(int)  # forks the workers at once, before this process starts threads of its own
@@ -956,44 +958,57 @@ def _write_npy(path: Path, tokens: np.ndarray) -> str:
 
 
 class _Stage:
-    """All tokens in one file, for --val-fraction, whose split needs the total first. It is
-    synced to disk every `every` tokens (and at the end), and `on_disk(tokens, state)` told."""
+    """All tokens, for --val-fraction, whose split needs the total first. They gather in memory,
+    `every` tokens at most (the size of a shard); each time that fills, it is appended to the
+    staging file, synced, and `on_disk(tokens, state)` told. A corpus smaller than that never
+    touches the disk before its shards are written."""
 
     def __init__(self, path: Path, dtype: np.dtype, every: int, done: int, on_disk: Callable[[int, dict], None]):
-        self.itemsize, self.every, self.on_disk = dtype.itemsize, every, on_disk
-        self.file = open(path, "r+b" if done else "wb")
-        self.file.truncate(done * self.itemsize)
-        self.file.seek(done * self.itemsize)
-        self.on_disk_tokens = self.total = done
+        self.path, self.on_disk = path, on_disk
+        self.buf, self.fill = np.empty(every, dtype=dtype), 0
+        self.filed = self.synced = done  # tokens in the file, and of those on disk for sure
+        if done:
+            self.abort()  # (drops what a failed run wrote after its last sync)
 
     def write(self, tokens: np.ndarray) -> None:
-        self.file.write(memoryview(tokens).cast("B"))
-        self.total += len(tokens)
-        if self.total - self.on_disk_tokens >= self.every:
-            self._sync()
+        while len(tokens):
+            take = tokens[: len(self.buf) - self.fill]
+            self.buf[self.fill : self.fill + len(take)] = take
+            self.fill += len(take)
+            tokens = tokens[len(take) :]
+            if self.fill == len(self.buf):
+                self._append(sync=True)
+                self.on_disk(self.synced, {"staged": self.synced, "itemsize": self.buf.itemsize})
 
-    def _sync(self) -> None:
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.on_disk_tokens = self.total
-        self.on_disk(self.total, {"staged": self.total, "itemsize": self.itemsize})
+    def _append(self, sync: bool) -> None:
+        with open(self.path, "ab") as f:
+            f.write(memoryview(self.buf[: self.fill]).cast("B"))
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
+        self.filed += self.fill
+        self.synced = self.filed if sync else self.synced
+        self.fill = 0
 
-    def close(self) -> int:
-        # (not synced: if the shards cut from it are not all written, a rerun resumes from the last sync)
-        self.file.close()
-        return self.total
+    def tokens(self) -> np.ndarray:
+        """All tokens: from memory when they never reached the file, else from its pages."""
+        if not self.filed:
+            return self.buf[: self.fill]
+        if self.fill:
+            # (not synced: if the shards cut from it are not all written, a rerun resumes from the last sync)
+            self._append(sync=False)
+        return np.memmap(self.path, dtype=self.buf.dtype, mode="r", shape=(self.filed,))
 
     def abort(self) -> None:
-        """Stop after a failure, keeping only what is on disk for a rerun (a full disk gets the rest back)."""
-        try:
-            self.file.truncate(self.on_disk_tokens * self.itemsize)
-        finally:
-            self.file.close()
+        """Drop what is in the staging file after its last sync (after a failure, a full disk gets it back)."""
+        if self.path.exists():
+            with open(self.path, "r+b") as f:
+                f.truncate(self.synced * self.buf.itemsize)
 
 
-def _shards_from_stage(out: Path, dtype: np.dtype, shard_tokens: int, total: int, val_tokens: int) -> dict:
-    """Cut the staging file into val and train shards, as a ShardWriter would, straight from the page cache."""
-    staged = np.memmap(out / STAGE_NAME, dtype=dtype, mode="r", shape=(total,)) if total else np.empty(0, dtype)
+def _shards_from_stage(out: Path, staged: np.ndarray, shard_tokens: int, val_tokens: int) -> dict:
+    """Cut all tokens into val and train shards, as a ShardWriter would, without copying them."""
+    total = len(staged)
     shards: dict[str, list[dict]] = {"train": [], "val": []}
     for split, lo, hi in (("val", 0, min(val_tokens, total)), ("train", min(val_tokens, total), total)):
         for i, start in enumerate(range(lo, hi, shard_tokens)):
@@ -1328,8 +1343,8 @@ def _run(cfg: PrepareConfig, out: Path, request: dict, files: list[Path], progre
         if "tokens" in val:
             shards = sink.close()
         else:
-            total = sink.close()
-            shards = _shards_from_stage(out, dtype, cfg.shard_tokens, total, int(total * val["fraction"]))
+            staged = sink.tokens()
+            shards = _shards_from_stage(out, staged, cfg.shard_tokens, int(len(staged) * val["fraction"]))
     except BaseException as e:
         sink.abort()
         if isinstance(e, OSError):
@@ -1398,7 +1413,11 @@ def _tokenize(
 
 @contextmanager
 def _progress_bar(files: list[Path], position: Any) -> Iterator[Any]:
-    """Input read so far, with a percentage and time left where the input's size is known."""
+    """Input read so far, with a percentage and time left where the input's size is known; on a
+    terminal only (elsewhere, a stand-in that prints the warnings and draws nothing)."""
+    if not sys.stderr.isatty():
+        yield _NoBar()
+        return
     from tqdm import tqdm
 
     if files:
@@ -1410,6 +1429,19 @@ def _progress_bar(files: list[Path], position: Any) -> Iterator[Any]:
         kwargs = {"initial": 0 if position == "end" else position["examples"], "unit": " examples"}
     with tqdm(desc="tokenizing", disable=None, file=sys.stderr, **kwargs) as bar:
         yield bar
+
+
+class _NoBar:
+    n = 0
+
+    def update(self, n: int) -> None:
+        pass
+
+    def set_postfix_str(self, text: str, refresh: bool = True) -> None:
+        pass
+
+    def write(self, text: str, file: Any = None) -> None:
+        print(text, file=file or sys.stdout)
 
 
 def _empty_input_message(cfg: PrepareConfig, stats: Stats) -> str:
@@ -1528,4 +1560,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # (main itself lets it through, as Python code calling it expects)
+        print("\ninterrupted: run the same command again to continue after the last shard written", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)

@@ -19,6 +19,7 @@ Compute nodes are often offline, and tiktoken downloads the GPT-2 BPE files on f
 from __future__ import annotations
 
 import base64
+import binascii
 import contextlib
 import functools
 import hashlib
@@ -144,7 +145,7 @@ def _gpt2_ranks() -> dict[bytes, int]:
     with contextlib.suppress(OSError):
         data = copy.read_bytes()
         if hashlib.sha256(data).hexdigest() == R50K_BASE_SHA256:
-            return {base64.b64decode(token): int(rank) for token, rank in map(bytes.split, data.splitlines())}
+            return {binascii.a2b_base64(token): int(rank) for token, rank in map(bytes.split, data.splitlines())}
     ranks = _converted_gpt2_ranks()
     data = _ranks_file(ranks)
     if hashlib.sha256(data).hexdigest() == R50K_BASE_SHA256:
