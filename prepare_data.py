@@ -779,10 +779,8 @@ def _worker_pool(encoder: _Encoder, workers: int) -> Iterator[ProcessPoolExecuto
         yield None
         return
     # Processes, not threads: threads share tiktoken's regex scratch pools; two often halve each other's speed.
-    # fork passes the loaded tokenizer to the workers at no cost; elsewhere they load it by name,
-    # as they must where a caller runs other threads (a fork copies their held locks, not them).
-    fork = sys.platform == "linux" and threading.active_count() == 1
-    context = multiprocessing.get_context("fork" if fork else "spawn")
+    # fork passes the loaded tokenizer to the workers at no cost; elsewhere they load it by name.
+    context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
     pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(encoder, os.getpid()))
     try:
         pool.submit(int)  # forks the workers at once, before this process starts threads of its own

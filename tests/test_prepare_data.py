@@ -487,6 +487,9 @@ def test_concurrent_calls_take_turns_and_prepare_once(tiny_corpus, monkeypatch, 
     from concurrent.futures import ThreadPoolExecutor
 
     monkeypatch.setattr(requests, "get", lambda *a, **k: FakeResponse(tiny_corpus))
+    # one tokenizer process each: forking worker processes from a process that runs other
+    # threads is what this test must not do (ranks are processes, not threads)
+    monkeypatch.setattr(prepare_data, "_cores", lambda: 1)
     with ThreadPoolExecutor(4) as pool:  # like every rank of a job calling it at once
         outs = list(pool.map(lambda _: prepare_named_corpus("tiny"), range(4)))
     assert outs == [Path("data/tiny")] * 4
