@@ -73,7 +73,6 @@ import re
 import shlex
 import signal
 import sys
-import threading
 import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator
