@@ -54,6 +54,16 @@ class MetricsLog:
         if self.wandb_run is not None:
             self.wandb_run.finish()
 
+    def begin(self, start_step: int, resumed: bool, run_record: dict, changes: tuple[list[str], list[str]]) -> None:
+        """The run's first records: what it runs on, and the flags changed since the run it resumes."""
+        if start_step < self.run_config["max_steps"]:  # (a finished run keeps its record, final evaluation too)
+            self.truncate_from(start_step)
+        self.log({**run_record, "resumed_from_step": start_step if resumed else None})
+        if changes[0] or changes[1]:
+            if self.enabled:
+                print("resuming with changed flags:\n  " + "\n  ".join(changes[0] + changes[1]), flush=True)
+            self.log({"type": "config_change", "step": start_step, "training": changes[0], "other": changes[1]})
+
     def _records(self) -> Iterator[tuple[str, dict]]:
         """(line, record) for each whole record in the file; a line cut short by a crash is skipped."""
         for line in self.path.read_text().splitlines():

@@ -85,6 +85,12 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
+def crash_if_injected(step: int, rank: int) -> None:
+    """A crash for the test suite, on a run's first attempt only (not after a torchrun restart)."""
+    if fault_injection("CRASH_AT_STEP", step, rank) and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+        raise RuntimeError(f"injected crash at step {step} (GPT2_TRAINER_TEST_CRASH_AT_STEP)")
+
+
 def fault_injection(name: str, step: int, rank: int) -> bool:
     """Faults for the test suite, set through the environment: GPT2_TRAINER_TEST_<NAME>=STEP[:RANK]."""
     spec = os.environ.get(f"GPT2_TRAINER_TEST_{name}")
@@ -183,6 +189,12 @@ class Evaluator:
         return d.any(d.master and val and "eval" not in logged), d.any(
             d.master and hellaswag and "hellaswag" not in logged
         )
+
+    def run(self, step: int, val: bool, hellaswag: bool, model, metrics: MetricsLog) -> None:
+        if val:
+            self.val_loss(step, model, metrics)
+        if hellaswag:
+            self.hellaswag(step, model, metrics)
 
     def seconds_left(self, step: int) -> float:
         """The time the evaluations still due after `step` will take, at their last duration."""
@@ -405,6 +417,11 @@ def describe_run(
 # ---- logging one step ----
 
 
+def build_checkpointer(cfg: TrainConfig, out_dir: Path, d: Dist, model: GPT, optimizer) -> ckpt_lib.Checkpointer:
+    shards = sharding.ShardedState(model, optimizer) if cfg.fsdp else None  # every rank saves its own
+    return ckpt_lib.Checkpointer(out_dir, cfg.checkpoint_every, cfg.keep_last, cfg.keep_every, d, print0, shards)
+
+
 def save_checkpoint(
     checkpointer: ckpt_lib.Checkpointer, step: int, model: GPT, state: dict, cfg: TrainConfig, required: bool
 ) -> None:
@@ -451,6 +468,16 @@ def print_step(
         f"step {step:6d} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | norm {record['grad_norm']:6.3f} | "
         f"{record['ms']:7.1f} ms | {record['tokens_per_sec']:10,.0f} tok/s | mfu {mfu} | eta {eta_min:.1f} min"
     )
+
+
+def too_many_bad_steps(bad_steps: int, cfg: TrainConfig, out_dir: Path) -> bool:
+    if bad_steps < cfg.max_bad_steps:
+        return False
+    print0(
+        f"error: {bad_steps} consecutive steps had a non-finite loss or gradient norm; stopping. The last "
+        f"good checkpoint in {out_dir / 'checkpoints'} is intact. HINT: lower --lr or check the data."
+    )
+    return True
 
 
 # ---- main ----
@@ -536,10 +563,7 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device, stop: StopSignal) -> 
     describe_run(cfg, model, out_dir, d, device, amp, use_compile, seq_len, grad_accum, train_loader)
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), device.type)
     scaler = torch.amp.GradScaler("cuda", enabled=amp is torch.float16)
-    shards = sharding.ShardedState(model, optimizer) if cfg.fsdp else None
-    checkpointer = ckpt_lib.Checkpointer(
-        out_dir, cfg.checkpoint_every, cfg.keep_last, cfg.keep_every, d, print0, shards=shards
-    )
+    checkpointer = build_checkpointer(cfg, out_dir, d, model, optimizer)
     torch.manual_seed(cfg.seed + d.rank)  # dropout differs per rank (a checkpoint's RNG state replaces this)
     candidates = checkpointer.candidates(cfg.resume)  # verified, newest first
     changes = config_changes(candidates[0].meta.get("config", {}), cfg, candidates[0].step) if candidates else ([], [])
@@ -553,12 +577,7 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device, stop: StopSignal) -> 
     stop_requested, bad_steps, step_ms_avg, step_clock = d.any(stop.received is not None), 0, 0.0, None
 
     with MetricsLog(out_dir, cfg, d) as metrics:
-        if start_step < cfg.max_steps:  # (a finished run keeps its record, final evaluation included)
-            metrics.truncate_from(start_step)
-        metrics.log({**run_metadata(cfg, d, device), "resumed_from_step": start_step if resume_from else None})
-        if changes[0] or changes[1]:
-            print0("resuming with changed flags:\n  " + "\n  ".join(changes[0] + changes[1]))
-            metrics.log({"type": "config_change", "step": start_step, "training": changes[0], "other": changes[1]})
+        metrics.begin(start_step, resume_from is not None, run_metadata(cfg, d, device), changes)
         for step in range(start_step, cfg.max_steps + 1):
             last_step = step == cfg.max_steps
             # ---- once in a while, on the weights after `step` updates ----
@@ -571,10 +590,7 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device, stop: StopSignal) -> 
                 print0(f"stopped by a signal at step {step}; run the same command again to resume")
                 return EXIT_PREEMPTED
             val_due, hellaswag_due = evaluator.due(step, finished_before=start_step == cfg.max_steps, metrics=metrics)
-            if val_due:
-                evaluator.val_loss(step, eval_model, metrics)
-            if hellaswag_due:
-                evaluator.hellaswag(step, eval_model, metrics)
+            evaluator.run(step, val_due, hellaswag_due, eval_model, metrics)
             if last_step or (cfg.sample_every and step > start_step and step % cfg.sample_every == 0):
                 evaluator.print_samples(step, model)
             if last_step:
@@ -601,10 +617,8 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device, stop: StopSignal) -> 
             lr = learning_rate(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss_value, grad_norm_value, stop_requested = agree_on_step(
-                loss_accum, grad_norm, stop.received is not None, d
-            )
-            finite = math.isfinite(loss_value) and math.isfinite(grad_norm_value)
+            loss_value, norm_value, stop_requested = agree_on_step(loss_accum, grad_norm, stop.received is not None, d)
+            finite = math.isfinite(loss_value) and math.isfinite(norm_value)
             # fp16: gradients that overflow under a finite loss are the loss scale's to fix
             # (update() lowers it), not a sign that training diverged
             overflow = scaler.is_enabled() and math.isfinite(loss_value) and not finite
@@ -619,27 +633,17 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device, stop: StopSignal) -> 
             now = time.perf_counter()
             dt, step_clock = now - step_clock, now
 
-            if (
-                fault_injection("CRASH_AT_STEP", step, d.rank)
-                and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
-            ):
-                raise RuntimeError(f"injected crash at step {step} (GPT2_TRAINER_TEST_CRASH_AT_STEP)")  # fmt: skip
+            crash_if_injected(step, d.rank)
             # ---- log ----
             # the first step pays for compilation: the moving average starts at the second
             step_ms_avg = dt * 1000 if step <= start_step + 1 else 0.9 * step_ms_avg + 0.1 * dt * 1000
             mfu = flops_per_token * tokens_per_step / dt / (peak * d.world_size) if peak else None
-            record = {"type": "train", "step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm_value,
+            record = {"type": "train", "step": step, "loss": loss_value, "lr": lr, "grad_norm": norm_value,
                       "tokens_per_sec": tokens_per_step / dt, "mfu": mfu, "ms": dt * 1000, "data_ms": data_s * 1000,
-                      "tokens_seen": tokens_seen}  # fmt: skip
-            if not finite:
-                record["skipped"] = True
+                      "tokens_seen": tokens_seen, **({} if finite else {"skipped": True})}  # fmt: skip
             metrics.log(record)
             print_step(record, cfg, step_ms_avg, bad_steps, overflow, evaluator.seconds_left(step))
-            if bad_steps >= cfg.max_bad_steps:
-                print0(
-                    f"error: {bad_steps} consecutive steps had a non-finite loss or gradient norm; stopping. The last "
-                    f"good checkpoint in {out_dir / 'checkpoints'} is intact. HINT: lower --lr or check the data."
-                )
+            if too_many_bad_steps(bad_steps, cfg, out_dir):
                 return EXIT_NONFINITE
     return EXIT_OK
 

@@ -101,3 +101,20 @@ def _gloo_worker(rank: int, fn: Callable, world_size: int, store: str, args: tup
         dist.barrier()  # no rank tears down its connections while another may still use them
     finally:
         dist.destroy_process_group()
+
+
+def worker_pids(parent_pid: int) -> dict[int, int]:
+    """rank -> pid of torchrun's worker processes (children of the torchrun process)."""
+    workers = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            if ppid != parent_pid:
+                continue
+            environ = (stat.parent / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        rank = next((int(e[5:]) for e in environ if e.startswith(b"RANK=")), None)
+        if rank is not None:
+            workers[rank] = int(stat.parent.name)
+    return workers

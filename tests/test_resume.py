@@ -13,7 +13,7 @@ import torch
 
 import checkpoint
 import train
-from runs import ROOT, TINY, read_metrics, run_train, spawn_gloo, train_command, train_losses
+from runs import ROOT, TINY, read_metrics, run_train, spawn_gloo, train_command, train_losses, worker_pids
 
 
 def flags(data, run, steps=20, every=10, extra=()):
@@ -157,23 +157,6 @@ def test_second_ctrl_c_stops_at_once_without_a_traceback(monkeypatch, capsys):
     out, err = capsys.readouterr()
     assert "saving a checkpoint at the end of this step" in out and "second Ctrl-C" in err
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-
-
-def worker_pids(parent_pid: int) -> dict[int, int]:
-    """rank -> pid of torchrun's worker processes (children of the torchrun process)."""
-    workers = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            if ppid != parent_pid:
-                continue
-            environ = (stat.parent / "environ").read_bytes().split(b"\0")
-        except (OSError, IndexError, ValueError):
-            continue
-        rank = next((int(e[5:]) for e in environ if e.startswith(b"RANK=")), None)
-        if rank is not None:
-            workers[rank] = int(stat.parent.name)
-    return workers
 
 
 def test_signal_to_one_rank_stops_all_ranks_with_a_checkpoint(tiny_data, tmp_path, reference_2proc):

@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from runs import worker_pids  # (this script's folder is on sys.path)
+
 ROOT = Path(__file__).resolve().parent.parent
 SIGNALS = {"KILL": signal.SIGKILL, "TERM": signal.SIGTERM}
 
@@ -78,22 +80,6 @@ def wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float) 
             return True
         time.sleep(0.05)
     return False
-
-
-def worker_pids(agent_pid: int) -> dict[int, int]:
-    """rank -> pid of the agent's worker processes (its children that have RANK set)."""
-    workers = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) != agent_pid:
-                continue
-            environ = (stat.parent / "environ").read_bytes().split(b"\0")
-        except (OSError, IndexError, ValueError):
-            continue
-        rank = next((int(e[5:]) for e in environ if e.startswith(b"RANK=")), None)
-        if rank is not None:
-            workers[rank] = int(stat.parent.name)
-    return workers
 
 
 def alive(pid: int) -> bool:
