@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -224,6 +225,25 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 # ---- precision and attention ----
+
+
+def host_values(t: torch.Tensor) -> Callable[[], list]:
+    """A function that returns t's values on the host, waiting only for the work queued before
+    this call. On a GPU the copy goes to page-locked memory and an event marks its end, so work
+    queued after this call keeps the device busy while the host reads."""
+    if t.device.type != "cuda":
+        values = t.tolist()
+        return lambda: values
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)  # (the allocator keeps it cached)
+    host.copy_(t, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+
+    def read() -> list:
+        copied.synchronize()
+        return host.tolist()
+
+    return read
 
 
 def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:

@@ -45,6 +45,7 @@ from runtime import (
     autocast_context,
     autocast_dtype,
     check_attention_backend,
+    host_values,
     peak_flops,
     print0,
     setup_distributed,
@@ -437,16 +438,33 @@ def save_checkpoint(
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def agree_on_step(loss_accum: torch.Tensor, grad_norm: torch.Tensor, stop: bool, d: Dist) -> tuple[float, float, bool]:
-    """The step's one host-device synchronisation and one collective: the loss averaged over
-    ranks, the gradient norm, and whether any rank was asked to stop. A NaN on any rank spreads
-    to all of them through this sum and the gradient all-reduce, so every rank takes the same
-    skip decision. (full_like, not torch.tensor: a host-to-device copy would wait for the step.)"""
+def step_status(loss_accum: torch.Tensor, grad_norm: torch.Tensor, stop: bool, d: Dist) -> torch.Tensor:
+    """[loss, stop, grad norm] on the device, after the step's one collective: the loss summed
+    over ranks, and how many ranks were asked to stop. A NaN on any rank spreads to all of them
+    through this sum and the gradient all-reduce, so every rank takes the same skip decision.
+    (full_like, not torch.tensor: a host-to-device copy would wait for the step.)"""
     status = torch.stack([loss_accum.float(), torch.full_like(loss_accum, float(stop))])
     if d.enabled:
         dist.all_reduce(status, op=dist.ReduceOp.SUM)
-    loss_sum, stops, norm = torch.cat([status, grad_norm.float().view(1)]).tolist()
-    return loss_sum / d.world_size, norm, stops > 0
+    return torch.cat([status, grad_norm.float().view(1)])
+
+
+def update(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, status: torch.Tensor) -> list[float]:
+    """AdamW's update unless the loss or the gradient norm is not finite, and the status on the
+    host: the step's one wait for the device. Fused AdamW takes the skip decision on the device
+    (found_inf: the flag the fp16 gradient scaler hands it), so its kernels are queued before the
+    host waits and the device never idles while the host launches them; other optimizers, and
+    fp16's scaler, need the host's decision first."""
+    if optimizer.defaults.get("fused") and not scaler.is_enabled():
+        optimizer.found_inf = (~status.isfinite().all()).float()
+        values = host_values(status)
+        optimizer.step()
+        del optimizer.found_inf
+        return values()
+    values = status.tolist()
+    if all(map(math.isfinite, values)):
+        scaler.step(optimizer)
+    return values
 
 
 def print_step(
@@ -617,19 +635,19 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device, stop: StopSignal) -> 
             lr = learning_rate(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss_value, norm_value, stop_requested = agree_on_step(loss_accum, grad_norm, stop.received is not None, d)
-            finite = math.isfinite(loss_value) and math.isfinite(norm_value)
+            status = step_status(loss_accum, grad_norm, stop.received is not None, d)
+            loss_sum, stops, norm_value = update(optimizer, scaler, status)
+            loss_value = loss_sum / d.world_size
+            scaler.update()
+            stop_requested, finite = stops > 0, math.isfinite(loss_value) and math.isfinite(norm_value)
             # fp16: gradients that overflow under a finite loss are the loss scale's to fix
             # (update() lowers it), not a sign that training diverged
             overflow = scaler.is_enabled() and math.isfinite(loss_value) and not finite
-            if finite:
-                scaler.step(optimizer)
-            scaler.update()
             optimizer.zero_grad(set_to_none=True)
             tokens_seen += tokens_per_step
             bad_steps = 0 if finite else bad_steps + (not overflow)
             # No device synchronisation: the optimizer's kernels run while the host logs and loads
-            # the next batch, and the next step's agree_on_step waits for them.
+            # the next batch, and the next step's update() waits for them.
             now = time.perf_counter()
             dt, step_clock = now - step_clock, now
 

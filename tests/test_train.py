@@ -66,6 +66,35 @@ def test_learning_rate_warms_up_then_decays_to_min_lr():
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["skip-on-device", "skip-on-host"])
+def test_update_skips_a_nonfinite_step_leaving_weights_and_optimizer_state_unchanged(fused):
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=0.1, fused=fused)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+
+    def step(loss_sum: float) -> list[float]:
+        net(torch.randn(5, 4)).square().mean().backward()
+        status = torch.tensor([loss_sum, 0.0, 1.5])  # [loss, stop, grad norm], as step_status gives
+        values = train.update(optimizer, scaler, status)
+        optimizer.zero_grad(set_to_none=True)
+        return values
+
+    assert step(2.0) == [2.0, 0.0, 1.5]
+    weights, state = copy.deepcopy(net.state_dict()), copy.deepcopy(optimizer.state_dict())
+    values = step(float("nan"))
+    assert math.isnan(values[0])
+    for key, value in net.state_dict().items():
+        assert torch.equal(value, weights[key]), key
+    after = optimizer.state_dict()["state"]
+    for i, param_state in state["state"].items():
+        for key, value in param_state.items():
+            assert torch.equal(after[i][key], value), (i, key)
+    step(2.0)  # a finite step updates again, and counts from where the skipped one left off
+    assert not torch.equal(net.weight, weights["weight"])
+    assert all(s["step"].item() == 2 for s in optimizer.state_dict()["state"].values())
+
+
 def test_loss_falls_from_log_vocab_and_metrics_parse(tiny_data, tmp_path):
     run = tmp_path / "run"
     code = train.main(
