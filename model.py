@@ -403,14 +403,15 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 COMPILE_SCOPES = ("model", "blocks")
 
 
-def compile_model(model: GPT, mode: str = "default", scope: str = "model") -> nn.Module:
+def compile_model(model: GPT, mode: str = "default", scope: str = "model", dynamic: bool | None = None) -> nn.Module:
     """The module to train with. Scope model: one graph for the whole forward pass, a wrapper
     around the module. Scope blocks: each transformer block and the output half
     (GPT.logits_and_loss) are compiled in place and the module itself is returned. The blocks are
     alike, so after the first one they reuse its compiled code, and compile time grows far less
     with depth; what it gives up is fusion across block boundaries (a residual add with the next
-    LayerNorm)."""
-    options = {"mode": None if mode == "default" else mode}
+    LayerNorm). dynamic: torch.compile's (None: static shapes until a second shape is seen, True:
+    one graph for every shape from the start)."""
+    options = {"mode": None if mode == "default" else mode, "dynamic": dynamic}
     if scope == "model":
         return torch.compile(model, **options)
     for block in model.transformer.h:
