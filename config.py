@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field
 
 from model import COMPILE_MODES, COMPILE_SCOPES, PRESETS
-from runtime import ATTENTION_BACKENDS, ConfigError
+from runtime import ATTENTION_BACKENDS, ConfigError, print0
 
 DEFAULT_CORPUS = "tinyshakespeare"
 USAGE = """Train a GPT-2: one process (CPU, MPS, one GPU) or many under torchrun (DDP).
@@ -213,8 +213,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_config(argv: list[str] | None) -> tuple[TrainConfig, argparse.Namespace]:
-    args = build_parser().parse_args(argv)
+    """The configuration, and the parsed arguments with `typed`: the names of the flags given."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    for action in parser._actions:  # parsed again without defaults: what is left was typed
+        action.default = argparse.SUPPRESS
+    args.typed = frozenset(vars(parser.parse_args(argv)))
     return TrainConfig(**values), args
 
 
@@ -230,6 +235,16 @@ TRAINING_FLAGS = (
 )  # fmt: skip
 # Flags that say how to run, not what the run is: never reported as changes.
 INVOCATION_FLAGS = ("resume", "allow_changes", "out")
+
+
+def keep_run_length(saved: dict, cfg: TrainConfig, typed: frozenset[str]) -> TrainConfig:
+    """cfg with the resumed run's --max-steps unless one was typed: rerunning a run with fewer
+    flags than it was started with (`python train.py --out DIR`) finishes it as it was planned,
+    rather than training a finished run on to the default length."""
+    if "max_steps" in typed or saved.get("max_steps", cfg.max_steps) == cfg.max_steps:
+        return cfg
+    print0(f"--max-steps not given: the run's own {saved['max_steps']} (pass --max-steps to train it longer)")
+    return dataclasses.replace(cfg, max_steps=saved["max_steps"])
 
 
 def config_changes(saved: dict, cfg: TrainConfig, resumed_step: int) -> tuple[list[str], list[str]]:

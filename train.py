@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 import checkpoint as ckpt_lib
 import sharding
-from config import DEFAULT_CORPUS, TrainConfig, config_changes, learning_rate, parse_config
+from config import DEFAULT_CORPUS, TrainConfig, config_changes, keep_run_length, learning_rate, parse_config
 from dataloader import DataError, ShardedDataLoader, read_meta
 from metrics import MetricsLog, run_metadata
 from model import GPT, compile_model, config_from_preset, uncompiled
@@ -513,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
         d, device = setup_distributed(cfg.device, cfg.dist_timeout_min)
         check_wandb(cfg, d)
         with attention_context(cfg.attention), claim_run_dir(run_dir(cfg), d):
-            code = train(cfg, d, device, stop)
+            code = train(cfg, d, device, stop, args.typed)
         # Every rank is done with collectives before any closes its connections: without this,
         # gloo can abort a rank whose peer already tore down its side.
         d.barrier()
@@ -565,7 +565,9 @@ def claim_run_dir(out_dir: Path, d: Dist) -> Iterator[None]:
         lock.close()
 
 
-def train(cfg: TrainConfig, d: Dist, device: torch.device, stop: StopSignal) -> int:
+def train(
+    cfg: TrainConfig, d: Dist, device: torch.device, stop: StopSignal, typed: frozenset[str] = frozenset()
+) -> int:
     # ---- set-up: data, model, batch arithmetic, optimizer, resume ----
     data_dir = resolve_data_dir(cfg, d)
     data_meta = read_meta(data_dir)  # shards of other projects have none, and hold GPT-2 tokens
@@ -578,13 +580,15 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device, stop: StopSignal) -> 
     tokens_per_step = cfg.batch_size * seq_len * d.world_size * grad_accum
     train_loader, val_loader, val_chunks = build_loaders(cfg, data_dir, seq_len, grad_accum, d, device)
     out_dir = run_dir(cfg)
-    describe_run(cfg, model, out_dir, d, device, amp, use_compile, seq_len, grad_accum, train_loader)
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), device.type)
     scaler = torch.amp.GradScaler("cuda", enabled=amp is torch.float16)
     checkpointer = build_checkpointer(cfg, out_dir, d, model, optimizer)
     torch.manual_seed(cfg.seed + d.rank)  # dropout differs per rank (a checkpoint's RNG state replaces this)
     candidates = checkpointer.candidates(cfg.resume)  # verified, newest first
-    changes = config_changes(candidates[0].meta.get("config", {}), cfg, candidates[0].step) if candidates else ([], [])
+    saved = candidates[0].meta.get("config", {}) if candidates else {}
+    cfg = keep_run_length(saved, cfg, typed)
+    describe_run(cfg, model, out_dir, d, device, amp, use_compile, seq_len, grad_accum, train_loader)
+    changes = config_changes(saved, cfg, candidates[0].step) if candidates else ([], [])
     resume_from, tokens_seen = checkpointer.resume(candidates, model, optimizer, scaler, train_loader, cfg.seed)
     start_step = resume_from.step if resume_from else 0
     eval_model, train_model = wrap_model(model, cfg, d, device, use_compile)

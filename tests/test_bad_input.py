@@ -57,6 +57,18 @@ def test_longer_max_steps_goes_on_and_says_what_the_schedule_does(tiny_data, fin
     assert sorted(train_losses(finished_run)) == list(range(9))
 
 
+def test_rerun_without_max_steps_keeps_the_finished_run_as_it_is(tiny_data, finished_run, capsys):
+    checkpoints = sorted(p.name for p in (finished_run / "checkpoints").iterdir())
+    records = (finished_run / "metrics.jsonl").read_text().count('"type": "train"')
+    args = flags(tiny_data, finished_run, extra="--keep-last 1")
+    del args[args.index("--max-steps") : args.index("--max-steps") + 2]  # the default is far more than 6
+    assert train.main(args) == 0
+    out = capsys.readouterr().out
+    assert "--max-steps not given: the run's own 6" in out
+    assert sorted(p.name for p in (finished_run / "checkpoints").iterdir()) == checkpoints  # none pruned
+    assert (finished_run / "metrics.jsonl").read_text().count('"type": "train"') == records  # not one step more
+
+
 def test_max_steps_below_the_steps_taken_is_refused(tiny_data, finished_run, capsys):
     assert train.main(flags(tiny_data, finished_run, steps=4)) == train.EXIT_CONFIG
     assert "already took 6 steps" in capsys.readouterr().err
