@@ -37,7 +37,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dataloader import DataError
-from files import fsync_dir, fsync_file, sha256_file, write_text_atomic
+from files import fsync_dir, fsync_file, readable_as_usual, sha256_file, write_text_atomic
 from model import GPT, GPTConfig
 from runtime import ConfigError, Dist
 
@@ -173,6 +173,7 @@ def save_checkpoint(
         try:
             if write_shards is None:
                 save_file(model_state_for_saving(model), str(tmp / "model.safetensors"))
+                readable_as_usual(tmp / "model.safetensors")
             torch.save(train_state, tmp / "train_state.pt")
             files = {}
             for p in sorted(tmp.iterdir()):
@@ -482,16 +483,19 @@ class CheckpointConflict(CheckpointError):
 HUB_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
 
-def load_pretrained(source: str, device: str | torch.device = "cpu") -> GPT:
+def load_pretrained(
+    source: str, device: str | torch.device = "cpu", dropout: float | None = None, pad_vocab_to: int = 1
+) -> GPT:
     """Our GPT from one of our run or checkpoint folders, a Hugging Face GPT-2 folder, or one
-    of OpenAI's GPT-2 sizes on the Hugging Face hub.
+    of OpenAI's GPT-2 sizes on the Hugging Face hub. dropout, if given, replaces the saved
+    model's; pad_vocab_to applies to Hugging Face weights (our checkpoints keep their own).
 
     A source that is none of these raises runtime.ConfigError before anything is loaded: a
     mistyped path would otherwise be taken for a hub name, and the hub client retries for
     tens of seconds before failing. A hub that cannot be reached is a CheckpointError."""
     path = Path(source)
     if is_checkpoint_path(path):
-        return load_model(path, device)
+        return load_model(path, device, dropout)
     if path.is_dir() and not (path / "config.json").is_file():
         raise ConfigError(
             f"{source} holds no checkpoint (no checkpoints/step_*) and is no Hugging Face model folder "
@@ -505,7 +509,7 @@ def load_pretrained(source: str, device: str | torch.device = "cpu") -> GPT:
             "HINT: check the path (runs are in runs/ unless --out said otherwise: ls runs)"
         )
     try:
-        return GPT.from_pretrained(source).to(device)
+        return GPT.from_pretrained(source, pad_vocab_to, dropout or 0.0).to(device)
     except ValueError as e:  # a GPT-2 variant this model would compute differently
         raise ConfigError(str(e)) from e
     except OSError as e:

@@ -77,6 +77,15 @@ def write_atomic(path: Path, chunks: Iterable[bytes | memoryview]) -> str:
     return digest.hexdigest()
 
 
+def readable_as_usual(path: Path) -> None:
+    """Give path the permissions a plain open() would (0666 less the umask): writers that go
+    through a private temporary file (mkstemp, safetensors) leave it readable by its owner only,
+    which hides checkpoints and caches from the rest of a group on a shared cluster."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     write_atomic(path, [text.encode()])
 
@@ -102,6 +111,7 @@ def download(url: str, dest: Path, check: Callable[[Path], None] | None = None, 
                 os.fsync(f.fileno())
         if check is not None:
             check(tmp)
+        readable_as_usual(tmp)
         os.replace(tmp, dest)
     except (requests.RequestException, OSError, ValueError) as e:
         out.close()

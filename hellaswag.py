@@ -76,17 +76,25 @@ def _check_item(item: dict, where: str) -> dict:
 
 
 def read_examples(path: str | Path) -> list[dict]:
-    """Items of a HellaSwag JSONL file (only `ctx`, `endings`, `label` are read), checked line by line."""
+    """Items of a HellaSwag JSONL file (only `ctx`, `endings`, `label` are read), checked line by
+    line. Any fault of the file, unreadable or not UTF-8 included, is a HellaSwagError."""
     examples = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise HellaSwagError(f"{path}:{line_no}: not a JSON object ({e})") from e
-            examples.append(_check_item(item, f"{path}:{line_no}"))
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    item = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise HellaSwagError(f"{path}:{line_no}: not a JSON object ({e})") from e
+                examples.append(_check_item(item, f"{path}:{line_no}"))
+    except UnicodeDecodeError as e:
+        raise HellaSwagError(
+            f"{path} is not UTF-8 text ({e.reason} at byte {e.start}): not a HellaSwag JSONL file"
+        ) from e
+    except OSError as e:
+        raise HellaSwagError(f"cannot read {path}: {e.strerror or e}") from e
     return examples
 
 
@@ -99,7 +107,7 @@ def download_validation(dest: Path, url: str = HELLASWAG_VAL_URL, expected: int 
         if got != expected:
             raise ValueError(f"downloaded {got} items, expected {expected}")
 
-    hint = f"download {url} on a machine with network and either pass it with --data-file or copy it to {dest}"
+    hint = f"download {url} on a machine with network and either pass its path (hellaswag.py --data-file, train.py --hellaswag-file) or copy it to {dest}"
     try:
         return files.download(url, dest, check=check, hint=hint)
     except files.DownloadError as e:

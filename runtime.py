@@ -52,8 +52,15 @@ class ConfigError(ValueError):
 
 def print0(*args, **kwargs) -> None:
     """print() on rank 0 only (torchrun sets RANK), flushed so that logs interleave in order."""
-    if int(os.environ.get("RANK", 0)) == 0:
+    if int(os.environ.get("RANK", 0)) != 0:
+        return
+    try:
         print(*args, **kwargs, flush=True)
+    except BrokenPipeError:
+        # whatever read the output has gone (`train.py | head`, a closed `less`): the run goes
+        # on, its output discarded, rather than dying with its work since the last checkpoint
+        stream = kwargs.get("file") or sys.stdout
+        os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
 
 
 # ---- processes and devices ----

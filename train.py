@@ -278,12 +278,10 @@ def load_initial_weights(cfg: TrainConfig, vocab_size: int) -> GPT:
     overridden = [f"--{k.replace('_', '-')}" for k in ("n_layer", "n_head", "n_embd") if getattr(cfg, k) is not None]
     if overridden:
         print0(f"note: {', '.join(overridden)} ignored: with --init-from the model's shape comes from its weights")
-    if ckpt_lib.is_checkpoint_path(cfg.init_from):
-        print0(f"initialising weights from our checkpoint {cfg.init_from}")
-        model = ckpt_lib.load_model(cfg.init_from, dropout=cfg.dropout)
-    else:
-        print0(f"initialising weights from Hugging Face {cfg.init_from}")
-        model = GPT.from_pretrained(cfg.init_from, pad_vocab_to=cfg.pad_vocab, dropout=cfg.dropout)
+    ours = ckpt_lib.is_checkpoint_path(cfg.init_from)
+    print0(f"initialising weights from {'our checkpoint' if ours else 'Hugging Face'} {cfg.init_from}")
+    # (a mistyped path is refused before the hub is asked for it; an unreachable hub is an error with a hint)
+    model = ckpt_lib.load_pretrained(cfg.init_from, dropout=cfg.dropout, pad_vocab_to=cfg.pad_vocab)
     if model.config.vocab_size != vocab_size:
         raise ConfigError(
             f"--init-from {cfg.init_from} has a vocabulary of {model.config.vocab_size}, "
@@ -348,11 +346,16 @@ def load_hellaswag(cfg: TrainConfig, d: Dist) -> list[dict] | None:
         return None
     import hellaswag
 
-    examples = None
-    if d.master:  # one download, then the other ranks read the cached file
-        examples = hellaswag.load_examples(cfg.hellaswag_file or None, cfg.hellaswag_limit or None)
+    def load() -> list[dict]:
+        try:
+            return hellaswag.load_examples(cfg.hellaswag_file or None, cfg.hellaswag_limit or None)
+        except hellaswag.HellaSwagError as e:
+            hint = "give a HellaSwag JSONL file" if cfg.hellaswag_file else "give a local copy with --hellaswag-file"
+            raise ConfigError(f"--hellaswag-every: {e}\nHINT: {hint}, or leave --hellaswag-every at 0") from e
+
+    examples = load() if d.master else None  # one download, then the other ranks read the cached file
     d.barrier()
-    return examples or hellaswag.load_examples(cfg.hellaswag_file or None, cfg.hellaswag_limit or None)
+    return examples or load()
 
 
 def wrap_model(model: GPT, cfg: TrainConfig, d: Dist, device: torch.device, use_compile: bool):
@@ -399,7 +402,7 @@ def describe_run(
     c = model.config
     print0(f"run directory {out_dir}; {d.world_size} process(es) on {device}; {', '.join(settings)}")
     print0(
-        f"model: {model.num_params() / 1e6:.2f}M parameters (non-embedding), vocab {c.vocab_size} "
+        f"model: {model.num_params() / 1e6:.2f}M parameters (the position table not counted), vocab {c.vocab_size} "
         f"(padded to {c.padded_vocab_size}), block {c.block_size}"
     )
     print0(

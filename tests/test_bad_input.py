@@ -5,6 +5,7 @@ disk under metrics.jsonl."""
 import errno
 import fcntl
 import json
+import os
 
 import numpy as np
 import pytest
@@ -122,6 +123,46 @@ def test_no_usable_checkpoint_stops_instead_of_starting_over(tiny_data, finished
     assert train.main(flags(tiny_data, finished_run)) == train.EXIT_ERROR
     assert "no checkpoint in" in capsys.readouterr().err
     assert (finished_run / "metrics.jsonl").read_bytes() == metrics_before
+
+
+# ---- other files a run reads ----
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "cannot read"),
+        (b"\xff\xfe not text\n", "is not UTF-8 text"),
+        (b'{"ctx": "A", "endings": ["a"], "label": 0}\n', "'endings' must be a list of 4 strings"),
+    ],
+    ids=["missing", "not-utf8", "bad-item"],
+)
+def test_bad_hellaswag_file_is_a_clear_error_before_training(tiny_data, tmp_path, capsys, content, message):
+    path = tmp_path / "hellaswag.jsonl"
+    if content is not None:
+        path.write_bytes(content)
+    args = flags(tiny_data, tmp_path / "run", extra=f"--hellaswag-every 3 --hellaswag-file {path}")
+    assert train.main(args) == train.EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert message in err and "HINT:" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_init_from_a_missing_path_is_a_clear_error(tiny_data, tmp_path, capsys):
+    args = flags(tiny_data, tmp_path / "run", extra=f"--init-from {tmp_path / 'nope'}")
+    assert train.main(args) == train.EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert "does not exist, and it is not one of the Hugging Face names" in err and "HINT:" in err
+
+
+def test_checkpoint_files_get_the_permissions_the_umask_gives(tiny_data, tmp_path):
+    old = os.umask(0o022)  # a cluster's usual: readable by the group and others
+    try:
+        assert train.main(flags(tiny_data, tmp_path / "run", steps=2, every=2)) == 0
+    finally:
+        os.umask(old)
+    saved = list((tmp_path / "run" / "checkpoints" / "step_00000002").iterdir())
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in saved} == {p.name: "0o644" for p in saved}
 
 
 def test_saved_weights_have_no_wrapper_prefixes_whatever_wraps_the_model():
