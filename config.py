@@ -162,6 +162,11 @@ class TrainConfig:
             )
         if self.fsdp_grad_sync != "micro-step" and not self.fsdp:
             errors.append(f"--fsdp-grad-sync {self.fsdp_grad_sync} needs --fsdp (add it, or leave the flag out)")
+        if self.resume not in ("auto", "never") and not os.path.isdir(self.resume):
+            errors.append(
+                f"--resume {self.resume}: no such folder. HINT: --resume auto (the newest checkpoint in --out), "
+                "never, or a checkpoint's folder (RUN/checkpoints/step_N) or a run's folder"
+            )
         if self.device not in ("auto", "cpu", "mps") and not self.device.startswith("cuda"):
             errors.append(f"--device {self.device!r}: use auto, cpu, mps, cuda or cuda:N")
         if errors:

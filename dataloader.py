@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from prepare_data import FORMAT_VERSION, MARKER_NAME, META_NAME
+from runtime import ConfigError
 
 LLMC_HEADER_INTS = 256
 LLMC_FORMATS = {20240520: (1, np.dtype(np.uint16)), 20240801: (7, np.dtype(np.uint32))}  # magic: (version, dtype)
@@ -41,6 +42,10 @@ FOREIGN_VOCAB_SIZE = 50257  # shards of other projects carry no meta.json: they 
 
 class DataError(RuntimeError):
     """Bad or missing shards; the message names the file and says what to do."""
+
+
+class DataNotFound(DataError, ConfigError):
+    """--data names no folder of shards: the user's mistake (a ConfigError too, for its exit code)."""
 
 
 def _hint(meta: dict | None) -> str:
@@ -125,13 +130,13 @@ def read_meta(data_dir: str | Path) -> dict | None:
     made by others; no shard is opened."""
     data_dir = Path(data_dir)
     if data_dir.is_file():
-        raise DataError(
+        raise DataNotFound(
             f"{data_dir} is a file, not a directory of prepared shards.\n"
             f"HINT: prepare it first with `python prepare_data.py {data_dir}`, then pass --data "
             f"data/{_stem(data_dir)}."
         )
     if not data_dir.is_dir():
-        raise DataError(
+        raise DataNotFound(
             f"{data_dir}: no such data directory.\nHINT: make it with `python prepare_data.py INPUT --out {data_dir}`."
         )
     meta_path = data_dir / META_NAME

@@ -513,6 +513,8 @@ def main(argv: list[str] | None = None) -> int:
             import plot
 
             return plot.main(args.plot)
+        if cfg.init_from and "model" in args.typed:
+            print0(f"note: --model {cfg.model} ignored: with --init-from the model's shape comes from its weights")
         d, device = setup_distributed(cfg.device, cfg.dist_timeout_min)
         check_wandb(cfg, d)
         with attention_context(cfg.attention), claim_run_dir(run_dir(cfg), d):

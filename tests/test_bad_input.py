@@ -268,7 +268,7 @@ def test_bad_meta_json_is_a_data_error_not_a_traceback(tmp_path, change, message
 def test_text_file_given_as_data_says_how_to_prepare_it(tmp_path, capsys):
     text = tmp_path / "input.txt"
     text.write_text("hello world\n")
-    assert train.main([*TINY, "--data", str(text), "--out", str(tmp_path / "run")]) == train.EXIT_ERROR
+    assert train.main([*TINY, "--data", str(text), "--out", str(tmp_path / "run")]) == train.EXIT_CONFIG
     err = capsys.readouterr().err
     assert f"python prepare_data.py {text}" in err and "--data data/input" in err and "--out input.txt" not in err
 

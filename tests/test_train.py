@@ -34,6 +34,7 @@ from runs import TINY, read_metrics, run_train, train_losses
         (["--activation-checkpointing", "-1"], "--activation-checkpointing must be >= 0"),
         (["--num-samples", "-1"], "--num-samples must be >= 0"),
         (["--attention", "cudnn"], "--attention cudnn: this kernel does not run on cpu"),
+        (["--resume", "runs/no-such-run"], "--resume runs/no-such-run: no such folder"),
     ],
 )
 def test_bad_configuration_gives_clear_error(tiny_data, tmp_path, capsys, flags, message):
@@ -52,7 +53,7 @@ def test_zero_samples_trains_and_prints_none(tiny_data, tmp_path, capsys):
 
 def test_missing_data_directory_says_what_to_do(tmp_path, capsys):
     code = train.main([*TINY, "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run")])
-    assert code == train.EXIT_ERROR
+    assert code == train.EXIT_CONFIG  # the user's mistake
     assert "prepare_data.py" in capsys.readouterr().err
 
 
