@@ -37,7 +37,15 @@ import torch
 import torch.distributed as dist
 
 import files
-from runtime import EXIT_CONFIG, EXIT_ERROR, EXIT_OK, ConfigError, setup_distributed, teardown_distributed
+from runtime import (
+    EXIT_CONFIG,
+    EXIT_ERROR,
+    EXIT_OK,
+    ConfigError,
+    out_of_memory,
+    setup_distributed,
+    teardown_distributed,
+)
 
 if TYPE_CHECKING:
     from model import GPT, GPTConfig
@@ -534,6 +542,13 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     except (HellaSwagError, CheckpointError, TokenizerError, OSError) as e:
         print(f"{where}error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except RuntimeError as e:  # torch.OutOfMemoryError is one
+        if (what := out_of_memory(e)) is None:
+            raise
+        print(
+            f"{where}error: out of memory: {what}\nHINT: lower --batch-size (items per forward pass)", file=sys.stderr
+        )
         return EXIT_ERROR
     return EXIT_OK
 

@@ -63,6 +63,15 @@ def print0(*args, **kwargs) -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
 
 
+def out_of_memory(e: BaseException) -> str | None:
+    """The first line of an allocation failure's message (CUDA, MPS or the CPU allocator), or
+    None for any other error. (CPU and MPS allocators raise a plain RuntimeError.)"""
+    text = str(e).strip()
+    oom = isinstance(e, torch.OutOfMemoryError)
+    oom = oom or isinstance(e, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)
+    return (text.splitlines()[0] if text else type(e).__name__) if oom else None
+
+
 # ---- processes and devices ----
 
 

@@ -46,6 +46,7 @@ from runtime import (
     autocast_dtype,
     check_attention_backend,
     host_values,
+    out_of_memory,
     peak_flops,
     print0,
     setup_distributed,
@@ -529,9 +530,21 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, DataPrepError, ckpt_lib.CheckpointError, TokenizerError) as e:
         print(f"{f'[rank {d.rank}] ' if d.enabled else ''}error: {e}", file=sys.stderr)
         return EXIT_ERROR
+    except RuntimeError as e:  # torch.OutOfMemoryError is one
+        if (what := out_of_memory(e)) is None:
+            raise
+        print(f"{f'[rank {d.rank}] ' if d.enabled else ''}error: out of memory: {what}\n{OOM_HINT}", file=sys.stderr)
+        return EXIT_ERROR
     finally:
         stop.restore()
         teardown_distributed()
+
+
+OOM_HINT = (
+    "HINT: lower --batch-size: --total-batch-size stays, and gradient accumulation makes up the difference "
+    "(to resume a run with it, add --allow-changes); or recompute N of the blocks' activations in backward "
+    "(--activation-checkpointing N); or train a smaller --model. Rerunning resumes from the newest checkpoint."
+)
 
 
 def run_dir(cfg: TrainConfig) -> Path:

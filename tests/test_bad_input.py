@@ -125,6 +125,39 @@ def test_no_usable_checkpoint_stops_instead_of_starting_over(tiny_data, finished
     assert (finished_run / "metrics.jsonl").read_bytes() == metrics_before
 
 
+# ---- out of memory ----
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory: 1 GB"),
+    ],
+    ids=["cuda", "cpu"],
+)
+def test_out_of_memory_says_how_to_fit_and_keeps_the_checkpoints(tiny_data, finished_run, monkeypatch, capsys, error):
+    checkpoints = sorted(p.name for p in (finished_run / "checkpoints").iterdir())
+
+    def no_memory(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(train.GPT, "forward", no_memory)
+    assert train.main(flags(tiny_data, finished_run, steps=9)) == train.EXIT_ERROR
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: out of memory: {str(error).splitlines()[0]}\nHINT: lower --batch-size")
+    assert sorted(p.name for p in (finished_run / "checkpoints").iterdir()) == checkpoints
+
+
+def test_other_runtime_errors_are_not_taken_for_out_of_memory(tiny_data, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    monkeypatch.setattr(train.GPT, "forward", broken)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        train.main(flags(tiny_data, tmp_path / "run"))
+
+
 # ---- other files a run reads ----
 
 

@@ -344,6 +344,24 @@ def test_command_line_reports_bad_data_without_a_traceback(tmp_path, capsys, hf_
     assert f"error: {bad}:2: not a JSON object" in err and "Traceback" not in err
 
 
+def test_command_line_reports_non_utf8_data_and_running_out_of_memory(tmp_path, capsys, hf_gpt2_dir, monkeypatch):
+    model = ["--model_type", str(hf_gpt2_dir), "--device", "cpu"]
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes('{"ctx": "caf\u00e9"}\n'.encode("latin-1"))
+    assert hellaswag.main([*model, "--data-file", str(latin1)]) == 1
+    assert f"error: {latin1} is not UTF-8 text" in capsys.readouterr().err
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"ctx": "A", "endings": ["a", "b", "c", "d"], "label": 1}\n')
+
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 GB")
+
+    monkeypatch.setattr(GPT, "forward", no_memory)
+    assert hellaswag.main([*model, "--data-file", str(good)]) == 1
+    err = capsys.readouterr().err
+    assert "error: out of memory: DefaultCPUAllocator" in err and "HINT: lower --batch-size" in err
+
+
 # ---- mistakes: one clear error, exit code 2, nothing loaded ----
 
 
