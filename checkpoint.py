@@ -27,6 +27,7 @@ import pickle
 import random
 import re
 import shutil
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -39,7 +40,7 @@ from safetensors.torch import load_file, save_file
 from dataloader import DataError
 from files import fsync_dir, fsync_file, readable_as_usual, sha256_file, write_text_atomic
 from model import GPT, GPTConfig
-from runtime import ConfigError, Dist
+from runtime import ConfigError, Dist, print0
 
 FORMAT_VERSION = 1
 CKPT_DIR_RE = re.compile(r"^step_(\d{8})$")
@@ -239,9 +240,10 @@ def list_checkpoint_dirs(run_dir: Path) -> list[Path]:
 REQUIRED_FILES = ("model.safetensors", "train_state.pt", "rng_rank00000.pt")
 
 
-def verify_checkpoint(path: Path) -> dict:
+def verify_checkpoint(path: Path, weights_only: bool = False) -> dict:
     """Meta of a checkpoint after checking it against its directory: its step, the files every
-    checkpoint has, and every listed file's size and sha256."""
+    checkpoint has, and every listed file's size and sha256. weights_only: the optimizer's and
+    the RNGs' files are not checked (sampling and evaluation can use a checkpoint without them)."""
     path = Path(path)
     meta_path = path / "meta.json"
     try:
@@ -263,6 +265,8 @@ def verify_checkpoint(path: Path) -> dict:
             raise CheckpointError(f"{meta_path}: lists no {name}")
     for name, info in files.items():
         f = path / name
+        if weights_only and (name == "train_state.pt" or name.startswith("rng_")):
+            continue
         if Path(name).name != name:
             raise CheckpointError(f"{meta_path}: file name {name!r} points outside the checkpoint")
         if not f.is_file():
@@ -274,22 +278,22 @@ def verify_checkpoint(path: Path) -> dict:
     return meta
 
 
-def find_checkpoint(run_dir: Path, warn=print) -> Checkpoint | None:
+def find_checkpoint(run_dir: Path, warn=print, weights_only: bool = False) -> Checkpoint | None:
     """Newest checkpoint of a run that passes verification; broken ones are skipped with a warning."""
     for path in list_checkpoint_dirs(run_dir):
         try:
-            return Checkpoint(path, verify_checkpoint(path))
+            return Checkpoint(path, verify_checkpoint(path, weights_only))
         except CheckpointError as e:
             warn(f"WARNING: skipping checkpoint {path}: {e}")
     return None
 
 
-def resolve_checkpoint(path: str | Path, warn=print) -> Checkpoint:
+def resolve_checkpoint(path: str | Path, warn=print, weights_only: bool = False) -> Checkpoint:
     """A checkpoint directory, or a run directory (its newest usable checkpoint)."""
     path = Path(path)
     if (path / "meta.json").is_file() and CKPT_DIR_RE.match(path.name):
-        return Checkpoint(path, verify_checkpoint(path))
-    ckpt = find_checkpoint(path, warn=warn)
+        return Checkpoint(path, verify_checkpoint(path, weights_only))
+    ckpt = find_checkpoint(path, warn=warn, weights_only=weights_only)
     if ckpt is None:
         raise CheckpointError(f"no usable checkpoint in {path}")
     return ckpt
@@ -357,10 +361,17 @@ def load_rng_state(ckpt: Checkpoint, rank: int) -> dict | None:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def print0_err(message: str) -> None:
+    print0(message, file=sys.stderr)
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu", dropout: float | None = None) -> GPT:
     """Our GPT from a checkpoint directory or a run directory (newest usable checkpoint);
-    dropout, if given, replaces the saved model's."""
-    ckpt = resolve_checkpoint(path)
+    dropout, if given, replaces the saved model's. Only the weights' files need be intact; which
+    checkpoint of a run folder was loaded is said on stderr."""
+    ckpt = resolve_checkpoint(path, warn=print0_err, weights_only=True)
+    if ckpt.path != Path(path):
+        print0_err(f"loading {ckpt.path} (step {ckpt.step})")
     config = GPTConfig.from_dict(ckpt.meta["model_config"])
     if dropout is not None:
         config = replace(config, dropout=dropout)

@@ -59,6 +59,22 @@ def test_samples_from_our_checkpoint_use_its_weights(tiny_data, tmp_path, capsys
     assert texts == continuations(checkpoint.load_model(run), "ROMEO:", 42)
 
 
+def test_samples_need_only_the_weights_and_say_which_checkpoint_they_use(tiny_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    flags = [*TINY, "--data", str(tiny_data), "--out", str(run), "--max-steps", "4", "--checkpoint-every", "2"]
+    assert train.main(flags) == 0
+    newest, before = (run / "checkpoints" / name for name in ("step_00000004", "step_00000002"))
+    for step_dir in (newest, before):  # the optimizer's state, damaged everywhere: no run can resume
+        (step_dir / "train_state.pt").write_bytes(b"truncated")
+    (newest / "model.safetensors").write_bytes(b"truncated")  # the newest's weights too
+    capsys.readouterr()
+    assert sample.main([*FLAGS, "--init-from", str(run), "--prompt", "ROMEO:"]) == 0
+    printed = capsys.readouterr()
+    texts, err = printed_samples(printed.out), printed.err
+    assert f"skipping checkpoint {newest}" in err and f"loading {before} (step 2)" in err
+    assert texts == continuations(checkpoint.load_model(before), "ROMEO:", 42)
+
+
 def test_a_sample_with_newlines_is_printed_as_text_not_as_a_repr(hf_gpt2_dir, capsys):
     assert sample.main([*FLAGS, "--init-from", str(hf_gpt2_dir), "--prompt", "First line\nsecond line"]) == 0
     out = capsys.readouterr().out
