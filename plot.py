@@ -52,6 +52,11 @@ def check_runs(runs: list[Path]) -> None:
         raise ConfigError(
             f"no metrics.jsonl in {', '.join(map(str, missing))}. HINT: name run folders, the --out of train.py"
         )
+    if not any(any(read_metrics(run)) for run in runs):  # an empty picture is no answer
+        raise ConfigError(
+            f"nothing to plot: {', '.join(map(str, runs))} recorded no loss yet. HINT: plot once a run has "
+            "logged its first step"
+        )
 
 
 def import_pyplot():

@@ -103,3 +103,10 @@ def test_without_matplotlib_the_error_gives_the_pip_command(tmp_path, monkeypatc
     err = capsys.readouterr().err
     assert err.startswith("error: plotting needs matplotlib") and "HINT: pip install matplotlib" in err
     assert not (run / "losses.png").exists()
+
+
+def test_a_run_with_no_loss_yet_is_an_error_not_an_empty_picture(tmp_path, capsys):
+    run = write_run(tmp_path / "run", range(0))
+    assert plot.main([str(run)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: nothing to plot: {run} recorded no loss yet. HINT: ")
+    assert not (run / "losses.png").exists()
