@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field
 
 from model import COMPILE_MODES, COMPILE_SCOPES, PRESETS
-from runtime import ATTENTION_BACKENDS, ConfigError, print0
+from runtime import ATTENTION_BACKENDS, ConfigError, HelpFormatter, print0
 
 DEFAULT_CORPUS = "tinyshakespeare"
 USAGE = """Train a GPT-2: one process (CPU, MPS, one GPU) or many under torchrun (DDP).
@@ -123,7 +123,7 @@ class TrainConfig:
         16384, "validation tokens per evaluation, the same tokens whatever the world size", at_least=1
     )
     sample_every: int = _flag(0, "print samples every N steps (0: only at the end)", at_least=0)
-    sample_prompt: str = _flag("\n", "prompt that samples start from")
+    sample_prompt: str = _flag("\n", "prompt that samples start from (default: a newline)")
     sample_tokens: int = _flag(64, "tokens per sample", at_least=0)
     num_samples: int = _flag(2, "samples printed each time (0: none)", at_least=0)
     hellaswag_every: int = _flag(0, "HellaSwag accuracy every N steps and at the end (0: never)", at_least=0)
@@ -190,19 +190,8 @@ def _range_error(f: dataclasses.Field, value) -> str | None:
     return None
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """The module docstring as written, and each flag's default after its help (where it has
-    one the help does not already spell out)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        help = action.help or ""
-        if action.default in (None, "", argparse.SUPPRESS) or "default" in help or not action.option_strings:
-            return help
-        return help + " (default: %(default)s)"
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=USAGE, formatter_class=_HelpFormatter)
+    parser = argparse.ArgumentParser(description=USAGE, formatter_class=HelpFormatter)
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         kw = {k: v for k, v in f.metadata.items() if k != "range"}

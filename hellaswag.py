@@ -42,6 +42,7 @@ from runtime import (
     EXIT_ERROR,
     EXIT_OK,
     ConfigError,
+    HelpFormatter,
     out_of_memory,
     setup_distributed,
     teardown_distributed,
@@ -421,7 +422,7 @@ def evaluate_one_at_a_time(
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     source = p.add_mutually_exclusive_group()
     source.add_argument(
         "--model_type",

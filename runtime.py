@@ -7,6 +7,7 @@ project, so no script needs another script to run.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import os
 import signal
@@ -48,6 +49,19 @@ PEAK_BF16_FLOPS = {
 
 class ConfigError(ValueError):
     """A flag or a combination of flags that cannot work; the message says which and what to do."""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The module docstring as written, and each flag's default after its help (where it has
+    one the help does not already spell out)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help = action.help or ""
+        if action.default in (None, "", argparse.SUPPRESS) or "default" in help or not action.option_strings:
+            return help
+        if action.nargs == 0 and action.default is False:  # a switch: off unless given
+            return help
+        return help + " (default: %(default)s)"
 
 
 def print0(*args, **kwargs) -> None:

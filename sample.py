@@ -13,11 +13,11 @@ import sys
 
 import torch
 
-from runtime import EXIT_CONFIG, EXIT_ERROR, EXIT_OK, ConfigError, resolve_device
+from runtime import EXIT_CONFIG, EXIT_ERROR, EXIT_OK, ConfigError, HelpFormatter, resolve_device
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument(
         "--init-from",
         default="gpt2",
