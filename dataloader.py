@@ -24,6 +24,7 @@ import argparse
 import hashlib
 import json
 import re
+import shlex
 import sys
 from bisect import bisect_right
 from pathlib import Path
@@ -48,12 +49,25 @@ class DataNotFound(DataError, ConfigError):
     """--data names no folder of shards: the user's mistake (a ConfigError too, for its exit code)."""
 
 
-def _hint(meta: dict | None) -> str:
-    if meta and meta.get("command"):
-        return (
-            f"HINT: run prepare_data.py again with --overwrite; this data was made by\n  {meta['command']} --overwrite"
-        )
-    return "HINT: run prepare_data.py again to rebuild the shards (with --overwrite to replace them)."
+def _hint(meta: dict | None, data_dir: Path) -> str:
+    """How to rebuild the shards in `data_dir` itself: the folder may not be where the command
+    that made it writes by default (moved, copied, or named by hand), so --out names it."""
+    out = ["--out", str(data_dir), "--overwrite"]
+    try:
+        argv = shlex.split(meta["command"]) if meta and isinstance(meta.get("command"), str) else []
+    except ValueError:
+        argv = []
+    if not argv:
+        return f"HINT: run prepare_data.py again to rebuild them: `python prepare_data.py SOURCE {shlex.join(out)}`."
+    kept, skip = [], False
+    for arg in argv:  # (an --out missed here, say abbreviated, loses to the one added: the last one wins)
+        if skip:
+            skip = False
+        elif arg == "--out":
+            skip = True
+        elif arg != "--overwrite" and not arg.startswith("--out="):
+            kept.append(arg)
+    return f"HINT: run prepare_data.py again to rebuild this folder with the command that made it:\n  {shlex.join(kept + out)}"
 
 
 def _open_npy(path: Path, hint: str) -> np.ndarray:
@@ -145,10 +159,10 @@ def read_meta(data_dir: str | Path) -> dict | None:
     try:
         meta = json.loads(meta_path.read_text())
     except (OSError, ValueError) as e:
-        raise DataError(f"{meta_path}: unreadable ({e}).\n{_hint(None)}") from None
+        raise DataError(f"{meta_path}: unreadable ({e}).\n{_hint(None, data_dir)}") from None
     problem = _meta_problem(meta)
     if problem:
-        raise DataError(f"{meta_path}: {problem}.\n{_hint(meta if isinstance(meta, dict) else None)}")
+        raise DataError(f"{meta_path}: {problem}.\n{_hint(meta if isinstance(meta, dict) else None, data_dir)}")
     return meta
 
 
@@ -201,7 +215,7 @@ def open_split(data_dir: str | Path, split: str) -> tuple[list[tuple[str, np.nda
         )
     if len({p.suffix for p in paths}) > 1:
         raise DataError(f"{data_dir}: both .npy and .bin {split} shards here; keep one format per directory.")
-    hint = _hint(None)
+    hint = _hint(None, data_dir)
     shards = [(p.name, _open_npy(p, hint) if p.suffix == ".npy" else _open_llmc(p, hint)) for p in paths]
     for (_, tokens), path in zip(shards, paths):
         _check_ids(path, tokens, FOREIGN_VOCAB_SIZE, hint)
@@ -209,7 +223,7 @@ def open_split(data_dir: str | Path, split: str) -> tuple[list[tuple[str, np.nda
 
 
 def _open_own_split(data_dir: Path, split: str, meta: dict) -> list[tuple[str, np.ndarray]]:
-    hint = _hint(meta)
+    hint = _hint(meta, data_dir)
     where = data_dir / META_NAME
     if meta.get("format_version") != FORMAT_VERSION:
         raise DataError(
@@ -456,7 +470,7 @@ def _verify_checksums(data_dir: Path, split: str, meta: dict) -> None:
             while block := f.read(1 << 24):
                 digest.update(block)
         if digest.hexdigest() != entry["sha256"]:
-            raise DataError(f"{data_dir / entry['file']}: sha256 differs from {META_NAME}.\n{_hint(meta)}")
+            raise DataError(f"{data_dir / entry['file']}: sha256 differs from {META_NAME}.\n{_hint(meta, data_dir)}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -149,6 +149,10 @@ class FlagError(DataPrepError):
     """Flags that cannot work together (exit status 2)."""
 
 
+class InputError(DataPrepError):
+    """Inputs that give nothing to read: a missing path, or no text at all (exit status 2)."""
+
+
 @dataclass(frozen=True)
 class NamedCorpus:
     url: str
@@ -623,15 +627,15 @@ def expand_inputs(specs: list[str]) -> list[Path]:
         if glob.has_magic(spec):
             found = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
             if not found:
-                raise DataPrepError(f"{spec}: no files match this pattern.")
+                raise InputError(f"{spec}: no files match this pattern.")
         elif Path(spec).is_dir():
             found = sorted(p for p in Path(spec).rglob("*") if p.is_file() and p.name.endswith(TEXT_SUFFIXES))
             if not found:
-                raise DataPrepError(f"{spec}: directory holds no {', '.join(TEXT_SUFFIXES)} files.")
+                raise InputError(f"{spec}: directory holds no {', '.join(TEXT_SUFFIXES)} files.")
         elif Path(spec).is_file():
             found = [Path(spec)]
         else:
-            raise DataPrepError(f"{spec}: no such file or directory.")
+            raise InputError(f"{spec}: no such file or directory.\nHINT: check the path.")
         for path in found:
             hint = NOT_TEXT_HINTS.get(path.suffix.lower())
             if hint and not path.name.endswith(TEXT_SUFFIXES):
@@ -639,14 +643,42 @@ def expand_inputs(specs: list[str]) -> list[Path]:
                     f"{path}: a {path.suffix} file is not text or JSONL, which is what this reads.\nHINT: {hint}."
                 )
         files.extend(found)
+    empty = {}
     for path in files:  # refused before anything is written
         try:
-            _Utf8Stream(path).close()
+            reason = _no_text(path)
         except (EOFError, zlib.error, gzip.BadGzipFile) as e:
             raise DataPrepError(f"{path}: could not be read ({type(e).__name__}: {e}).") from e
         except OSError as e:
             raise DataPrepError(f"{path}: cannot be opened ({e.strerror or e}).") from e
+        if reason:
+            empty[path] = reason
+    if files and len(empty) == len(files):
+        raise InputError(_no_text_message(empty))
     return files
+
+
+def _no_text(path: Path) -> str | None:
+    """Why a file holds no text ("0 bytes", "only whitespace"), judged by its start, which is
+    checked to be text; None when it has text or is too long to tell without reading it all."""
+    stream = _Utf8Stream(path)
+    try:
+        head = stream.read(SNIFF_BYTES + 1)
+    finally:
+        stream.close()
+    if len(head) > SNIFF_BYTES:
+        return None
+    text = head.decode("utf-8", "replace")
+    return "0 bytes" if not text else None if text.strip() else "only whitespace"
+
+
+def _no_text_message(empty: dict[Path, str]) -> str:
+    if len(empty) == 1:
+        [(path, reason)] = empty.items()
+        return f"{path} has no text ({reason}), so there is nothing to tokenize.\nHINT: give a file with text."
+    listed = ", ".join(f"{path} ({reason})" for path, reason in itertools.islice(empty.items(), 5))
+    more = f" and {len(empty) - 5} more" if len(empty) > 5 else ""
+    return f"the input is empty: none of its {len(empty)} files has text: {listed}{more}.\nHINT: give files with text."
 
 
 # ---- tokenizing (in the worker processes) ----
@@ -852,7 +884,8 @@ class _Assembler:
             if not self.started:
                 self.stats.empty_documents += 1
                 self.stats.first_empty = self.stats.first_empty or task.where
-                self.warn(f"warning: {task.where}: empty file, skipped")
+                reason = "only whitespace" if any(len(tokens) for tokens in self.held) else "0 bytes"
+                self.warn(f"warning: {task.where} has no text ({reason}); skipped")
             self.held, self.started = [], False
         return out
 
@@ -1076,21 +1109,68 @@ def _read_json(path: Path) -> dict | None:
 @contextmanager
 def _exclusive(out: Path) -> Iterator[None]:
     """Hold a lock on the output directory, so that concurrent runs (every rank of a job
-    calling prepare_named_corpus, say) take turns: the first prepares, the rest find it done."""
+    calling prepare_named_corpus, say) take turns: the first prepares, the rest find it done.
+
+    A run that fails in a directory that was empty when it took the lock, before a rerun
+    would have anything to continue from, removes what it wrote there, and the directory itself
+    and those above it if it made them."""
     if out.exists() and not out.is_dir():
         raise DataPrepError(f"{out}: exists and is not a directory.\nHINT: choose another --out.")
-    out.mkdir(parents=True, exist_ok=True)
+    existed = out.is_dir()
+    fd, made = _lock(out)
+    try:
+        fresh = not any(out.iterdir())
+        try:
+            yield
+        except BaseException:
+            if fresh:
+                _remove_unfinished(out, made if existed else [out, *made])
+            raise
+    finally:
+        if fd is not None:
+            os.close(fd)  # closing the descriptor releases the lock
+
+
+def _lock(out: Path) -> tuple[int | None, list[Path]]:
+    """Make `out` and lock it: (the descriptor that holds the lock, None where there is no flock;
+    the directories above `out` that this run found missing and made, deepest first)."""
     try:
         import fcntl
-    except ImportError:  # no flock on this platform: no locking
-        yield
-        return
-    fd = os.open(out, os.O_RDONLY)
-    try:
+    except ImportError:
+        fcntl = None
+    made: set[Path] = set()
+    while True:
+        made |= {p for p in out.parents if not p.exists()}
+        out.mkdir(parents=True, exist_ok=True)
+        deepest_first = sorted(made, key=lambda p: len(p.parts), reverse=True)
+        if fcntl is None:  # no flock on this platform: no locking
+            return None, deepest_first
+        try:
+            fd = os.open(out, os.O_RDONLY)
+        except FileNotFoundError:  # removed since, by a run that failed: make it again
+            continue
         fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing the descriptor releases the lock
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(out)):
+                return fd, deepest_first
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the run that held it failed and removed the directory: lock the one there now
+
+
+def _remove_unfinished(out: Path, made: list[Path]) -> None:
+    """Remove a failed run's files, unless they are finished data or hold progress to continue
+    from, then the directories in `made` (deepest first), each only if it is empty."""
+    marker = _read_json(out / MARKER_NAME)
+    if (out / META_NAME).exists() or (marker or {}).get("progress") is not None:
+        return
+    for path in _our_files(out):
+        path.unlink(missing_ok=True)
+    for directory in made:
+        try:
+            directory.rmdir()
+        except OSError:  # not empty: it holds something this run did not write
+            return
 
 
 def _usable_progress(out: Path, progress: dict | None) -> dict | None:
@@ -1232,7 +1312,7 @@ def _default_out(cfg: PrepareConfig) -> Path:
     if cfg.hf_dataset:
         return Path("data") / "-".join(filter(None, [cfg.hf_dataset.rstrip("/").split("/")[-1], cfg.hf_config]))
     if len(cfg.inputs) > 1:
-        raise DataPrepError("several inputs: say where the shards go with --out DIR.")
+        raise FlagError("several inputs: say where the shards go with --out DIR.")
     spec = cfg.inputs[0]
     if glob.has_magic(spec):
         fixed = []
@@ -1311,7 +1391,7 @@ def prepare(cfg: PrepareConfig, named: str | None = None) -> Path:
             print(_where_lines(out))
             return out
         if named:
-            files = [fetch_named_corpus(named)]
+            files = [fetch_named_corpus(named, out)]
         meta = _run(cfg, out, request, files, progress)
     print(_summary(meta, out, time.perf_counter() - start))
     return out
@@ -1336,7 +1416,7 @@ def _run(cfg: PrepareConfig, out: Path, request: dict, files: list[Path], progre
     try:
         _tokenize(cfg, files, tokenizer, dtype, resume, progress["tokens"] if progress else 0, stats, sink, marker)
         if stats.documents == 0:
-            raise DataPrepError(_empty_input_message(cfg, stats))
+            raise InputError(_empty_input_message(cfg, stats, files))
         if "tokens" in val:
             shards = sink.close()
         else:
@@ -1441,13 +1521,17 @@ class _NoBar:
         print(text, file=file or sys.stdout)
 
 
-def _empty_input_message(cfg: PrepareConfig, stats: Stats) -> str:
+def _empty_input_message(cfg: PrepareConfig, stats: Stats, files: list[Path]) -> str:
     what = cfg.hf_dataset or " ".join(cfg.inputs)
-    skipped = f" (only {stats.empty_documents:,} empty or blank document(s))" if stats.empty_documents else ""
-    return (
-        f"the input is empty: {what} holds no text to tokenize{skipped}.\n"
-        "HINT: check the path" + (" and --text-field" if cfg.hf_dataset or cfg.text_field != "text" else "") + "."
+    found = (
+        f"only {stats.empty_documents:,} empty or whitespace-only document(s)"
+        if stats.empty_documents
+        else "no documents"
     )
+    hint = "give input with text"
+    if cfg.hf_dataset or any(p.name.endswith((".jsonl", ".jsonl.gz")) for p in files):
+        hint += f", and check that --text-field ({cfg.text_field}) names the field that holds it"
+    return f"the input is empty: {what} holds {found}, no text to tokenize.\nHINT: {hint}."
 
 
 def _write_failed_message(out: Path, e: OSError) -> str:
@@ -1482,8 +1566,9 @@ def _summary(meta: dict, out: Path, seconds: float) -> str:
 # ---- named corpora ----
 
 
-def fetch_named_corpus(name: str) -> Path:
-    """The cached raw text of a named corpus, downloaded first if needed (never left half-written)."""
+def fetch_named_corpus(name: str, out: Path) -> Path:
+    """The cached raw text of a named corpus, downloaded first if needed (never left half-written);
+    `out`, where it is to be prepared, goes in the hint for preparing it from a copy."""
     from files import sha256_file
 
     corpus = NAMED_CORPORA[name]
@@ -1492,7 +1577,7 @@ def fetch_named_corpus(name: str) -> Path:
         return dest
     hint = (
         f"with no network, fetch that file elsewhere and run\n  python prepare_data.py path/to/{corpus.filename} "
-        f"--out data/{name}\nor place it at {dest}"
+        f"--out {shlex.quote(str(out))}\nor place it at {dest}"
     )
     try:
         return download(corpus.url, dest, check=sha256_check(corpus.sha256), hint=hint)
@@ -1547,7 +1632,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = PrepareConfig(**flags, command=shlex.join(["python", "prepare_data.py", *argv]))
         prepare(cfg, named=named)
-    except FlagError as e:
+    except (FlagError, InputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG
     except (DataPrepError, TokenizerError) as e:

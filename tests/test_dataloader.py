@@ -291,6 +291,31 @@ def test_truncated_shard(data):
         ShardedDataLoader(data, "train", B, T)
 
 
+@pytest.mark.parametrize(
+    ("command", "rebuild"),
+    [
+        ("python prepare_data.py input.txt", "python prepare_data.py input.txt --out {d} --overwrite"),
+        (
+            "python prepare_data.py a.txt --out data/a --val-tokens 5 --overwrite",
+            "python prepare_data.py a.txt --val-tokens 5 --out {d} --overwrite",
+        ),
+        ("python prepare_data.py 'my books/' --out=x", "python prepare_data.py 'my books/' --out {d} --overwrite"),
+        (None, "python prepare_data.py SOURCE --out {d} --overwrite"),
+    ],
+    ids=["default-out", "other-out", "quoted", "no-command"],
+)
+def test_the_hint_for_a_damaged_shard_rebuilds_the_folder_that_holds_it(data, command, rebuild):
+    """The folder need not be where its command writes by default (moved, copied, or named by hand)."""
+    meta = json.loads((data / "meta.json").read_text())
+    meta["command"] = command
+    (data / "meta.json").write_text(json.dumps(meta))
+    path = data / "train_000002.npy"
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(DataError) as e:
+        ShardedDataLoader(data, "train", B, T)
+    assert rebuild.format(d=data) in str(e.value)
+
+
 def test_corrupt_header(data):
     (data / "train_000000.npy").write_bytes(b"not a numpy file at all")
     with pytest.raises(DataError, match="(?s)train_000000.npy: not a readable .npy file.*HINT"):

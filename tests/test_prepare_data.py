@@ -13,7 +13,7 @@ import prepare_data
 from conftest import shared_file
 from dataloader import DataError, ShardedDataLoader
 from prepare_data import DataPrepError, Stats, main, prepare_named_corpus
-from tokenizer import Tokenizer, get_tokenizer
+from tokenizer import Tokenizer, TokenizerError, get_tokenizer
 
 EOT = 50256
 
@@ -52,8 +52,9 @@ def run_ok(*argv: str) -> None:
     assert main(list(argv)) == 0
 
 
-def run_error(capsys, *argv: str) -> str:
-    assert main(list(argv)) == 1
+def run_error(capsys, *argv: str, status: int = 1) -> str:
+    """Run with a bad input: the exit status (2 for the user's mistake, 1 otherwise) and stderr."""
+    assert main(list(argv)) == status
     return capsys.readouterr().err
 
 
@@ -275,13 +276,14 @@ def run_error_hf() -> str:
 
 
 def test_missing_unmatched_and_unreadable_inputs(capsys, monkeypatch):
-    assert "nope.txt: no such file or directory" in run_error(capsys, "nope.txt")
-    assert "*.missing: no files match" in run_error(capsys, "*.missing")
+    """A path that names nothing is the user's mistake (status 2); a file that cannot be opened is not."""
+    assert "nope.txt: no such file or directory" in run_error(capsys, "nope.txt", status=2)
+    assert "*.missing: no files match" in run_error(capsys, "*.missing", status=2)
     Path("emptydir").mkdir()
-    assert "emptydir: directory holds no .txt" in run_error(capsys, "emptydir")
+    assert "emptydir: directory holds no .txt" in run_error(capsys, "emptydir", status=2)
     write("a.txt", "x")
     write("b.txt", "y")
-    assert "several inputs" in run_error(capsys, "a.txt", "b.txt")
+    assert "several inputs" in run_error(capsys, "a.txt", "b.txt", status=2)
 
     def refuse(path):
         raise PermissionError(13, "Permission denied", str(path))
@@ -298,7 +300,7 @@ def test_empty_files_and_documents_are_skipped_and_counted(gpt2, capsys):
     write("c/d.jsonl", "".join(json.dumps(x) + "\n" for x in lines) + "\n")  # a blank line too
     run_ok("c", "--val-tokens", "0")
     err = capsys.readouterr().err
-    assert "a.txt: empty file, skipped" in err and "b.txt: empty file, skipped" in err
+    assert "a.txt has no text (0 bytes); skipped" in err and "b.txt has no text (only whitespace); skipped" in err
     meta = json.loads(Path("data/c/meta.json").read_text())
     assert (meta["documents"], meta["empty_documents_skipped"]) == (2, 4)
     assert meta["first_empty_document"].endswith("a.txt")
@@ -406,6 +408,43 @@ def test_a_failed_run_can_be_redone_with_other_settings_and_other_files_stay(cap
     assert Path("data/t/meta.json").exists() and Path("data/t/report.docx.tmp").read_text() == "someone else's file"
 
 
+@pytest.mark.parametrize(
+    ("args", "status"),
+    [
+        (["empty.txt"], 2),
+        (["blank.jsonl"], 2),
+        (["latin.txt", "--strict-utf8"], 1),
+        (["bad.jsonl"], 1),
+        (["t.txt", "--tokenizer", "nosuch"], 1),
+    ],
+    ids=["empty-file", "empty-documents", "strict-utf8", "bad-jsonl", "bad-tokenizer"],
+)
+def test_a_run_that_fails_before_writing_a_shard_leaves_no_output_directory(capsys, monkeypatch, args, status):
+    write("empty.txt", "")
+    write("blank.jsonl", json.dumps({"text": " "}) + "\n")
+    write("latin.txt", b"caf\xe9 au lait")
+    write("bad.jsonl", '{"text": "fine"}\n{"text": oops}\n')
+    write("t.txt", "some text")
+
+    def unknown(name):
+        raise TokenizerError(f"{name!r} is not a tokenizer")
+
+    if "--tokenizer" in args:
+        monkeypatch.setattr(prepare_data, "get_tokenizer", unknown)
+    run_error(capsys, *args, status=status)
+    assert not Path("data").exists()  # neither data/NAME nor data/, which the run made for it
+
+
+def test_a_failed_run_keeps_a_directory_that_was_there_before_it(capsys):
+    write("latin.txt", b"caf\xe9 au lait")
+    write("mine/notes.txt", "keep me")
+    Path("empty").mkdir()
+    for out in ("mine", "empty"):
+        run_error(capsys, "latin.txt", "--strict-utf8", "--out", out)
+    assert Path("mine/notes.txt").read_text() == "keep me"
+    assert list(Path("empty").iterdir()) == []  # the user's folder, left as it was found
+
+
 def test_interrupted_run_looks_unfinished_and_the_same_command_finishes_it(monkeypatch):
     monkeypatch.setattr(prepare_data, "TASK_BYTES", 200)
     write("t.txt", "many words here " * 2000)
@@ -502,9 +541,10 @@ def test_named_corpus_offline_says_how_to_pass_a_local_file(tiny_corpus, monkeyp
         raise requests.ConnectionError("no network")
 
     monkeypatch.setattr(requests, "get", offline)
-    err = run_error(capsys, "tiny")
-    assert "could not download tiny" in err and "python prepare_data.py path/to/tiny.txt --out data/tiny" in err
-    assert not list(Path("cache").rglob("*.*")) and not Path("data/tiny/meta.json").exists()
+    err = run_error(capsys, "tiny", "--out", "elsewhere")
+    assert "could not download tiny" in err and "python prepare_data.py path/to/tiny.txt --out elsewhere\n" in err
+    assert not list(Path("cache").rglob("*.*")) and not Path("elsewhere").exists()
+    assert "path/to/tiny.txt --out data/tiny\n" in run_error(capsys, "tiny")
 
 
 def test_failed_or_wrong_download_leaves_no_file(tiny_corpus, monkeypatch):
@@ -863,13 +903,31 @@ def test_nul_bytes_further_in_a_text_file_stop_the_run(capsys):
     assert "late.txt: byte offset 24000 is a NUL byte" in err and "HINT:" in err
 
 
-def test_empty_input_says_the_input_is_empty(capsys):
+@pytest.mark.parametrize(
+    ("content", "reason"), [("", "0 bytes"), (" \n\t\u3000\n", "only whitespace")], ids=["empty", "whitespace"]
+)
+def test_a_file_with_no_text_is_named_with_a_hint_to_give_text_and_exit_status_2(capsys, content, reason):
+    write("e.txt", content)
+    err = run_error(capsys, "e.txt", status=2)
+    assert f"error: e.txt has no text ({reason})" in err and "HINT: give a file with text." in err
+    assert "check the path" not in err and "Traceback" not in err and not Path("data").exists()
+
+
+def test_input_files_that_all_have_no_text_are_listed(capsys):
+    write("e/a.txt", "")
+    write("e/b.jsonl", "\n\n")
+    err = run_error(capsys, "e", status=2)
+    assert "the input is empty: none of its 2 files has text: e/a.txt (0 bytes), e/b.jsonl (only whitespace)" in err
+    assert "HINT: give files with text." in err
+
+
+def test_input_of_empty_documents_says_the_input_is_empty(capsys):
     write("e/a.txt", "")
     write("e/b.txt", "  \n ")
     write("e/c.jsonl", json.dumps({"text": ""}) + "\n")
-    err = run_error(capsys, "e")
-    assert "the input is empty: e holds no text to tokenize (only 3 empty or blank document(s))" in err
-    assert "HINT:" in err
+    err = run_error(capsys, "e", status=2)
+    assert "the input is empty: e holds only 3 empty or whitespace-only document(s), no text to tokenize" in err
+    assert "HINT: give input with text, and check that --text-field (text) names the field" in err
 
 
 # ---- what the user sees ----
