@@ -162,6 +162,8 @@ class TrainConfig:
             )
         if self.fsdp_grad_sync != "micro-step" and not self.fsdp:
             errors.append(f"--fsdp-grad-sync {self.fsdp_grad_sync} needs --fsdp (add it, or leave the flag out)")
+        if self.out and os.path.realpath(self.out) == os.path.realpath(self.data or f"data/{DEFAULT_CORPUS}"):
+            errors.append(f"--out {self.out} is the --data folder: a run's files would mix with the shards")
         if self.resume not in ("auto", "never") and not os.path.isdir(self.resume):
             errors.append(
                 f"--resume {self.resume}: no such folder. HINT: --resume auto (the newest checkpoint in --out), "

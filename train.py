@@ -271,6 +271,11 @@ def build_model(cfg: TrainConfig, vocab_size: int, device: torch.device, amp: to
     model.activation_checkpointing = cfg.activation_checkpointing
     model.fused_loss = cfg.fused_loss
     c = model.config
+    if cfg.activation_checkpointing > c.n_layer:  # every Nth block: no more than the first
+        raise ConfigError(
+            f"--activation-checkpointing {cfg.activation_checkpointing}: the model has {c.n_layer} blocks. "
+            f"HINT: 1 recomputes every block, 2 every second, ... {c.n_layer} the first only"
+        )
     check_attention_backend(cfg.attention, device, amp, c.n_head, c.n_embd // c.n_head, c.dropout)
     return model
 
@@ -563,8 +568,8 @@ def claim_run_dir(out_dir: Path, d: Dist) -> Iterator[None]:
         out_dir.mkdir(parents=True, exist_ok=True)
         lock = open(out_dir / ".lock", "a+")
     except OSError as e:
-        hint = "HINT: pass an --out you can write to."
-        raise ConfigError(f"--out {out_dir}: cannot write there ({e.strerror}).\n{hint}") from None
+        why = "it is a file, not a folder" if out_dir.is_file() else f"cannot write there ({e.strerror})"
+        raise ConfigError(f"--out {out_dir}: {why}.\nHINT: pass an --out you can write to.") from None
     try:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)

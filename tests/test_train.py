@@ -32,12 +32,15 @@ from runs import TINY, read_metrics, run_train, train_losses
         (["--compile-mode", "max-autotune"], "needs torch.compile"),
         (["--compile-scope", "blocks"], "needs torch.compile"),
         (["--activation-checkpointing", "-1"], "--activation-checkpointing must be >= 0"),
+        (["--activation-checkpointing", "9"], "--activation-checkpointing 9: the model has 2 blocks"),
+        (["--out", "DATA"], "is the --data folder"),
         (["--num-samples", "-1"], "--num-samples must be >= 0"),
         (["--attention", "cudnn"], "--attention cudnn: this kernel does not run on cpu"),
         (["--resume", "runs/no-such-run"], "--resume runs/no-such-run: no such folder"),
     ],
 )
 def test_bad_configuration_gives_clear_error(tiny_data, tmp_path, capsys, flags, message):
+    flags = [str(tiny_data) if flag == "DATA" else flag for flag in flags]
     code = train.main([*TINY, "--data", str(tiny_data), "--out", str(tmp_path / "run"), "--max-steps", "1", *flags])
     assert code == train.EXIT_CONFIG
     assert message in capsys.readouterr().err
