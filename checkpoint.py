@@ -307,6 +307,23 @@ def is_checkpoint_path(path: str | Path) -> bool:
     )
 
 
+def saved_tokenizer(path: str | Path) -> str | None:
+    """The tokenizer a run of ours was trained with, as its checkpoints record it; None for other
+    sources and for checkpoints from before the record. Read from meta.json alone: every
+    checkpoint of a run records the same one, so a damaged one still tells."""
+    path = Path(path)
+    if not is_checkpoint_path(path):
+        return None
+    for step_dir in [path] if CKPT_DIR_RE.match(path.name) else list_checkpoint_dirs(path):
+        try:
+            name = json.loads((step_dir / "meta.json").read_text()).get("tokenizer")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(name, str):
+            return name
+    return None
+
+
 def check_model_shape(ckpt: Checkpoint, config: GPTConfig) -> None:
     expected = config.to_dict()
     saved = ckpt.meta["model_config"]

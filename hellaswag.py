@@ -491,6 +491,15 @@ def _load_model(args: argparse.Namespace, device: torch.device) -> torch.nn.Modu
     return load_pretrained(args.model_type, device)
 
 
+def _trained_tokenizer(args: argparse.Namespace) -> Tokenizer:
+    """The tokenizer the checkpoint's run recorded (GPT-2's for Hugging Face models and older
+    checkpoints): items must be tokenized as the model's training data was."""
+    from checkpoint import saved_tokenizer
+    from tokenizer import get_tokenizer
+
+    return get_tokenizer((args.checkpoint and saved_tokenizer(args.checkpoint)) or "gpt2")
+
+
 def run(argv: list[str] | None = None) -> dict:
     """The command line's work: evaluate and print; returns acc, acc_norm, num_examples."""
     args = parse_args(argv)
@@ -509,8 +518,9 @@ def run(argv: list[str] | None = None) -> dict:
             examples = load_examples(args.data_file, args.limit)
         dtype = torch.bfloat16 if args.dtype == "bfloat16" else None
         t0 = time.perf_counter()
+        tokenizer = _trained_tokenizer(args)
         result = evaluate(
-            model, examples, device, args.batch_size, rank, world_size, autocast_dtype=dtype, progress=rank == 0
+            model, examples, device, args.batch_size, rank, world_size, dtype, tokenizer, progress=rank == 0
         )
         elapsed = time.perf_counter() - t0
         if rank == 0:

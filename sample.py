@@ -31,7 +31,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0: all)")
     parser.add_argument("--seed", type=int, default=42, help="random seed: same seed, same samples")
     parser.add_argument("--device", default="auto", help="cuda, cuda:N, mps, cpu or auto")
-    parser.add_argument("--tokenizer", default="gpt2", help="tokenizer the model was trained with")
+    parser.add_argument(
+        "--tokenizer", default=None,
+        help="tokenizer the model was trained with (default: the one our checkpoints record, else gpt2)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     check_args(args)
     return args
@@ -55,10 +58,11 @@ def check_args(args: argparse.Namespace) -> None:
 
 def generate(args: argparse.Namespace) -> list[str]:
     """The prompt and its continuations, one string per sample."""
-    from checkpoint import load_pretrained
+    from checkpoint import load_pretrained, saved_tokenizer
     from tokenizer import get_tokenizer
 
     device = resolve_device(args.device)
+    args.tokenizer = args.tokenizer or saved_tokenizer(args.init_from) or "gpt2"
     tok = get_tokenizer(args.tokenizer)  # before the model: it is the quicker to fail
     model = load_pretrained(args.init_from, device).eval()
     if tok.vocab_size > model.config.vocab_size:

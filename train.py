@@ -427,18 +427,29 @@ def describe_run(
 # ---- logging one step ----
 
 
+def settings_for_resume(
+    cfg: TrainConfig, candidates: list[ckpt_lib.Checkpoint], typed: frozenset[str]
+) -> tuple[TrainConfig, tuple[list[str], list[str]]]:
+    """The run's settings and how they differ from those of the checkpoint it resumes (if any)."""
+    if not candidates:
+        return cfg, ([], [])
+    saved = candidates[0].meta.get("config", {})
+    cfg = keep_run_length(saved, cfg, typed)
+    return cfg, config_changes(saved, cfg, candidates[0].step)
+
+
 def build_checkpointer(cfg: TrainConfig, out_dir: Path, d: Dist, model: GPT, optimizer) -> ckpt_lib.Checkpointer:
     shards = sharding.ShardedState(model, optimizer) if cfg.fsdp else None  # every rank saves its own
     return ckpt_lib.Checkpointer(out_dir, cfg.checkpoint_every, cfg.keep_last, cfg.keep_every, d, print0, shards)
 
 
 def save_checkpoint(
-    checkpointer: ckpt_lib.Checkpointer, step: int, model: GPT, state: dict, cfg: TrainConfig, required: bool
+    checkpointer: ckpt_lib.Checkpointer, step: int, model: GPT, state: dict, run_meta: dict, required: bool
 ) -> None:
     """A periodic checkpoint that fails (a full disk) is reported and training goes on; the final
     one, or one a signal asked for, ends the run with the error."""
     try:
-        checkpointer.save(step, model, state, {"config": dataclasses.asdict(cfg), "tokens_seen": state["tokens_seen"]})
+        checkpointer.save(step, model, state, {**run_meta, "tokens_seen": state["tokens_seen"]})
     except ckpt_lib.CheckpointError as e:
         if required:
             raise
@@ -588,14 +599,11 @@ def claim_run_dir(out_dir: Path, d: Dist) -> Iterator[None]:
         lock.close()
 
 
-def train(
-    cfg: TrainConfig, d: Dist, device: torch.device, stop: StopSignal, typed: frozenset[str] = frozenset()
-) -> int:
+def train(cfg: TrainConfig, d: Dist, device: torch.device, stop: StopSignal, typed: frozenset[str]) -> int:
     # ---- set-up: data, model, batch arithmetic, optimizer, resume ----
     data_dir = resolve_data_dir(cfg, d)
     data_meta = read_meta(data_dir)  # shards of other projects have none, and hold GPT-2 tokens
-    amp = autocast_dtype(cfg.dtype, device)
-    use_compile = resolve_compile(cfg, device)
+    amp, use_compile = autocast_dtype(cfg.dtype, device), resolve_compile(cfg, device)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = build_model(cfg, data_meta["vocab_size"] if data_meta else 50257, device, amp)
     seq_len = cfg.seq_len or model.config.block_size
@@ -608,14 +616,13 @@ def train(
     checkpointer = build_checkpointer(cfg, out_dir, d, model, optimizer)
     torch.manual_seed(cfg.seed + d.rank)  # dropout differs per rank (a checkpoint's RNG state replaces this)
     candidates = checkpointer.candidates(cfg.resume)  # verified, newest first
-    saved = candidates[0].meta.get("config", {}) if candidates else {}
-    cfg = keep_run_length(saved, cfg, typed)
+    cfg, changes = settings_for_resume(cfg, candidates, typed)
     describe_run(cfg, model, out_dir, d, device, amp, use_compile, seq_len, grad_accum, train_loader)
-    changes = config_changes(saved, cfg, candidates[0].step) if candidates else ([], [])
     resume_from, tokens_seen = checkpointer.resume(candidates, model, optimizer, scaler, train_loader, cfg.seed)
     start_step = resume_from.step if resume_from else 0
     eval_model, train_model = wrap_model(model, cfg, d, device, use_compile)
     tokenizer = get_tokenizer(data_meta["tokenizer"] if data_meta else "gpt2")
+    run_meta = {"config": dataclasses.asdict(cfg), "tokenizer": tokenizer.name}  # in every checkpoint
     evaluator = Evaluator(cfg, d, device, amp, val_loader, val_chunks, tokenizer, load_hellaswag(cfg, d))
     params = [p for p in model.parameters() if p.requires_grad]
     flops_per_token, peak = model.flops_per_token(seq_len), peak_flops(device)
@@ -629,7 +636,7 @@ def train(
             if step > start_step and (last_step or stop_requested or checkpointer.due(step)):
                 state = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                          "train_loader": train_loader.state_dict(), "tokens_seen": tokens_seen}  # fmt: skip
-                save_checkpoint(checkpointer, step, model, state, cfg, required=last_step or stop_requested)
+                save_checkpoint(checkpointer, step, model, state, run_meta, required=last_step or stop_requested)
                 step_clock = None
             if stop_requested and not last_step:
                 print0(f"stopped by a signal at step {step}; run the same command again to resume")

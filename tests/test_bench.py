@@ -176,7 +176,7 @@ def test_gpu_script_overhead_item_stops_where_train_py_fails(tmp_path):
     result = subprocess.run(
         ["bash", str(ROOT / "bench" / "gpu.sh"), "overhead"], env=env, capture_output=True, text=True, timeout=300
     )
-    assert result.returncode == 1 and "FAILED (exit 1)" in result.stdout
+    assert result.returncode == 1 and "FAILED (exit 2)" in result.stdout  # (a missing --data: the user's mistake)
     assert not (tmp_path / "logs" / "results.jsonl").exists()  # no benchmark run for nothing
 
 

@@ -75,6 +75,29 @@ def test_samples_need_only_the_weights_and_say_which_checkpoint_they_use(tiny_da
     assert texts == continuations(checkpoint.load_model(before), "ROMEO:", 42)
 
 
+def test_samples_use_the_tokenizer_the_run_was_trained_with(tiny_data, tmp_path, capsys, monkeypatch):
+    import json
+
+    import tokenizer
+
+    run = tmp_path / "run"
+    assert train.main([*TINY, "--data", str(tiny_data), "--out", str(run), "--max-steps", "2"]) == 0
+    meta_path = run / "checkpoints" / "step_00000002" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["tokenizer"] == json.loads((tiny_data / "meta.json").read_text())["tokenizer"]
+    meta_path.write_text(json.dumps({**meta, "tokenizer": "the-runs-own"}))  # (meta.json is not in its file list)
+    asked = []
+
+    def get_tokenizer(name):
+        asked.append(name)
+        raise tokenizer.TokenizerError(f"no tokenizer {name}")
+
+    monkeypatch.setattr(tokenizer, "get_tokenizer", get_tokenizer)
+    assert sample.main([*FLAGS, "--init-from", str(run)]) == 1
+    assert sample.main([*FLAGS, "--init-from", str(run), "--tokenizer", "gpt2"]) == 1
+    assert asked == ["the-runs-own", "gpt2"]  # a --tokenizer given still wins
+
+
 def test_a_sample_with_newlines_is_printed_as_text_not_as_a_repr(hf_gpt2_dir, capsys):
     assert sample.main([*FLAGS, "--init-from", str(hf_gpt2_dir), "--prompt", "First line\nsecond line"]) == 0
     out = capsys.readouterr().out
