@@ -310,6 +310,7 @@ def test_full_split_batched_matches_one_at_a_time_loop(data_file, folded):
 def test_model_compiled_for_scoring_compiles_once_for_every_length_and_gives_the_same_accuracy(examples, folded):
     # n_embd 48: not a length a batch can have, which one graph for every shape would take for a
     # constant (dynamo gives sizes equal when first seen the same symbol)
+    torch._dynamo.reset()  # the blocks' code may have been compiled by tests before, for training
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=64, vocab_size=FoldedTokenizer.vocab_size, n_layer=2, n_head=2, n_embd=48))
     eager = evaluate(model, examples, "cpu", batch_size=8, tokenizer=folded)
