@@ -435,16 +435,20 @@ class Checkpointer:
         the one before it; when checkpoints exist but none is usable the run stops instead of
         starting over on top of them."""
         for ckpt in candidates:
+            error = None
             try:
                 tokens_seen = self.restore(ckpt, model, optimizer, scaler, train_loader, seed)
-                self.warn(f"resumed from {ckpt.path} (step {ckpt.step}, saved by {ckpt.meta['world_size']} ranks)")
-                return ckpt, tokens_seen
             except (DataError, CheckpointConflict):
                 raise  # other data or settings than the run's: not a damaged checkpoint
             except (CheckpointError, RuntimeError, KeyError, ValueError, TypeError, EOFError, pickle.PickleError) as e:
-                if len(candidates) == 1 and not self.auto:
-                    raise CheckpointError(f"{ckpt.path} cannot be loaded ({type(e).__name__}: {e})") from e
-                self.warn(f"WARNING: skipping checkpoint {ckpt.path}: cannot be loaded ({type(e).__name__}: {e})")
+                error = e
+            if not self.d.any(error is not None):  # every rank resumes from the same one, or none does
+                self.warn(f"resumed from {ckpt.path} (step {ckpt.step}, saved by {ckpt.meta['world_size']} ranks)")
+                return ckpt, tokens_seen
+            why = f"{type(error).__name__}: {error}" if error else "another rank could not load it"
+            if len(candidates) == 1 and not self.auto:
+                raise CheckpointError(f"{ckpt.path} cannot be loaded ({why})") from error
+            self.warn(f"WARNING: skipping checkpoint {ckpt.path}: cannot be loaded ({why})")
         if candidates or (self.auto and list_checkpoint_dirs(self.run_dir)):
             raise CheckpointError(
                 f"no checkpoint in {self.run_dir / 'checkpoints'} is usable (see the warnings above), and starting "
@@ -454,9 +458,22 @@ class Checkpointer:
         return None, 0
 
     def candidates(self, resume: str) -> list[Checkpoint]:
-        """Verified checkpoints to try, newest first. With an explicit choice, later checkpoints of
-        another run in this directory are an error: resuming and pruning go by step number, so
-        they would be taken for this run's newest."""
+        """Verified checkpoints to try, newest first, the same on every rank: a rank that sees
+        another newest one (a node-local --out, a stale network-filesystem cache) is an error on
+        all of them, where it would otherwise train from another step than the rest."""
+        found = self._candidates(resume)
+        newest = found[0].step if found else -1
+        if not self.d.same(newest):
+            raise CheckpointError(
+                f"the processes see different checkpoints in {self.run_dir}: this one's newest usable one is "
+                f"{f'step {newest}' if found else 'none'}, and another's differs.\nHINT: --out must be one folder "
+                "that every node sees whole (shared storage, not a node-local disk); check that all nodes mount it"
+            )
+        return found
+
+    def _candidates(self, resume: str) -> list[Checkpoint]:
+        """With an explicit choice, later checkpoints of another run in this directory are an error:
+        resuming and pruning go by step number, so they would be taken for this run's newest."""
         self.auto = resume == "auto"
         if self.auto:
             found = []

@@ -77,6 +77,19 @@ def print0(*args, **kwargs) -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
 
 
+class PeerStopped(Exception):
+    """Another rank stopped the run and said why; this one stops without repeating it."""
+
+
+def peer_gone(e: BaseException) -> bool:
+    """Whether e is a collective that failed because another process of the run went away
+    (it stopped on an error of its own, which it reports)."""
+    text = str(e)
+    return isinstance(e, dist.DistError) or any(
+        sign in text for sign in ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+    )
+
+
 def out_of_memory(e: BaseException) -> str | None:
     """The first line of an allocation failure's message (CUDA, MPS or the CPU allocator), or
     None for any other error. (CPU and MPS allocators raise a plain RuntimeError.)"""
@@ -109,12 +122,20 @@ class Dist:
 
     def any(self, flag: bool) -> bool:
         """Whether flag is true on some rank; a collective, every rank calls it."""
+        return self._max([int(flag)])[0] > 0
+
+    def same(self, value: int) -> bool:
+        """Whether every rank holds the same value; a collective, every rank calls it."""
+        largest, negated_smallest = self._max([value, -value])
+        return largest == -negated_smallest
+
+    def _max(self, values: list[int]) -> list[int]:
         if not self.enabled:
-            return flag
+            return values
         on_gpu = dist.get_backend() == "nccl"
-        count = torch.tensor([int(flag)], device=torch.cuda.current_device() if on_gpu else "cpu")
-        dist.all_reduce(count, op=dist.ReduceOp.SUM)
-        return count.item() > 0
+        t = torch.tensor(values, dtype=torch.long, device=torch.cuda.current_device() if on_gpu else "cpu")
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.tolist()
 
 
 def best_device() -> str:

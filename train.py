@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import torch
 import torch.distributed as dist
@@ -41,6 +42,7 @@ from runtime import (
     EXIT_OK,
     ConfigError,
     Dist,
+    PeerStopped,
     attention_context,
     autocast_context,
     autocast_dtype,
@@ -48,6 +50,7 @@ from runtime import (
     host_values,
     out_of_memory,
     peak_flops,
+    peer_gone,
     print0,
     setup_distributed,
     teardown_distributed,
@@ -316,7 +319,8 @@ def check_batch_arithmetic(cfg: TrainConfig, seq_len: int, block_size: int, d: D
     if total % per_micro_step:
         raise ConfigError(
             f"--total-batch-size {total} is not divisible by batch-size * seq-len * world size = "
-            f"{cfg.batch_size} * {seq_len} * {d.world_size} = {per_micro_step}"
+            f"{cfg.batch_size} * {seq_len} * {d.world_size} = {per_micro_step}.\nHINT: use a multiple of "
+            f"{per_micro_step}, such as {max(1, round(total / per_micro_step)) * per_micro_step}, or another --batch-size"
         )
     return total // per_micro_step
 
@@ -428,12 +432,23 @@ def describe_run(
 
 
 def settings_for_resume(
-    cfg: TrainConfig, candidates: list[ckpt_lib.Checkpoint], typed: frozenset[str]
+    cfg: TrainConfig, candidates: list[ckpt_lib.Checkpoint], typed: frozenset[str], tokens_per_step: int
 ) -> tuple[TrainConfig, tuple[list[str], list[str]]]:
-    """The run's settings and how they differ from those of the checkpoint it resumes (if any)."""
+    """The run's settings and how they differ from those of the checkpoint it resumes (if any).
+    The batch is compared as resolved, not as flagged: without --total-batch-size it is the
+    micro-batch times the number of processes, which a restart on other hardware changes."""
     if not candidates:
         return cfg, ([], [])
-    saved = candidates[0].meta.get("config", {})
+    meta = candidates[0].meta
+    saved_tokens = meta.get("tokens_per_step", tokens_per_step)  # (not recorded by older checkpoints)
+    if saved_tokens != tokens_per_step and not cfg.allow_changes:
+        raise ConfigError(
+            f"the run being resumed took {saved_tokens:,} tokens per step on {meta['world_size']} process(es); "
+            f"these settings give {tokens_per_step:,}, which changes what is trained.\nHINT: pass "
+            f"--total-batch-size {saved_tokens} (gradient accumulation makes up for fewer processes), "
+            "or --allow-changes to go on with the new batch"
+        )
+    saved = meta.get("config", {})
     cfg = keep_run_length(saved, cfg, typed)
     return cfg, config_changes(saved, cfg, candidates[0].step)
 
@@ -540,16 +555,22 @@ def main(argv: list[str] | None = None) -> int:
         # gloo can abort a rank whose peer already tore down its side.
         d.barrier()
         return code
+    except PeerStopped:
+        return EXIT_CONFIG  # rank 0 said why
     except (ConfigError, ckpt_lib.CheckpointConflict) as e:
         print(f"{f'[rank {d.rank}] ' if d.enabled else ''}error: {e}", file=sys.stderr)
         return EXIT_CONFIG
     except (DataError, DataPrepError, ckpt_lib.CheckpointError, TokenizerError) as e:
         print(f"{f'[rank {d.rank}] ' if d.enabled else ''}error: {e}", file=sys.stderr)
         return EXIT_ERROR
-    except RuntimeError as e:  # torch.OutOfMemoryError is one
-        if (what := out_of_memory(e)) is None:
+    except RuntimeError as e:  # torch.OutOfMemoryError is one, and so are a lost peer's errors
+        where = f"[rank {d.rank}] " if d.enabled else ""
+        if (what := out_of_memory(e)) is not None:
+            print(f"{where}error: out of memory: {what}\n{OOM_HINT}", file=sys.stderr)
+        elif d.enabled and peer_gone(e):
+            print(f"{where}error: another process of this run stopped (its message says why): {e}", file=sys.stderr)
+        else:
             raise
-        print(f"{f'[rank {d.rank}] ' if d.enabled else ''}error: out of memory: {what}\n{OOM_HINT}", file=sys.stderr)
         return EXIT_ERROR
     finally:
         stop.restore()
@@ -571,10 +592,24 @@ def run_dir(cfg: TrainConfig) -> Path:
 def claim_run_dir(out_dir: Path, d: Dist) -> Iterator[None]:
     """Make --out and hold its lock for the run (rank 0): an unwritable folder fails now, before
     any set-up, and a second run started on the same folder is refused instead of writing into it.
-    The lock goes with the process, however it ends."""
-    if not d.master:
+    Every rank learns the outcome, so all of them stop together. The lock goes with the process,
+    however it ends."""
+    lock, refusal = None, None
+    if d.master:
+        try:
+            lock = lock_run_dir(out_dir)
+        except ConfigError as e:
+            refusal = e
+    if d.any(refusal is not None):
+        raise refusal or PeerStopped()
+    try:
         yield
-        return
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def lock_run_dir(out_dir: Path) -> IO[str]:
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         lock = open(out_dir / ".lock", "a+")
@@ -582,21 +617,20 @@ def claim_run_dir(out_dir: Path, d: Dist) -> Iterator[None]:
         why = "it is a file, not a folder" if out_dir.is_file() else f"cannot write there ({e.strerror})"
         raise ConfigError(f"--out {out_dir}: {why}.\nHINT: pass an --out you can write to.") from None
     try:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            owner = lock.read().strip() or "another process"
-            raise ConfigError(
-                f"{out_dir} is in use by another run ({owner}).\n"
-                "HINT: wait for it to end, stop it, or pass another --out."
-            ) from None
-        lock.truncate(0)
-        lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        lock.flush()
-        yield
-    finally:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        owner = lock.read().strip() or "another process"
         lock.close()
+        raise ConfigError(
+            f"{out_dir} is in use by another run ({owner}).\nHINT: wait for it to end, stop it, or pass another --out."
+        ) from None
+    except OSError as e:  # a network filesystem mounted without locks (Lustre without -o flock)
+        print0(f"WARNING: {out_dir} cannot be locked ({e.strerror}): a second run on it will not be refused")
+    lock.truncate(0)
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    lock.flush()
+    return lock
 
 
 def train(cfg: TrainConfig, d: Dist, device: torch.device, stop: StopSignal, typed: frozenset[str]) -> int:
@@ -616,13 +650,13 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device, stop: StopSignal, typ
     checkpointer = build_checkpointer(cfg, out_dir, d, model, optimizer)
     torch.manual_seed(cfg.seed + d.rank)  # dropout differs per rank (a checkpoint's RNG state replaces this)
     candidates = checkpointer.candidates(cfg.resume)  # verified, newest first
-    cfg, changes = settings_for_resume(cfg, candidates, typed)
+    cfg, changes = settings_for_resume(cfg, candidates, typed, tokens_per_step)
     describe_run(cfg, model, out_dir, d, device, amp, use_compile, seq_len, grad_accum, train_loader)
     resume_from, tokens_seen = checkpointer.resume(candidates, model, optimizer, scaler, train_loader, cfg.seed)
     start_step = resume_from.step if resume_from else 0
     eval_model, train_model = wrap_model(model, cfg, d, device, use_compile)
     tokenizer = get_tokenizer(data_meta["tokenizer"] if data_meta else "gpt2")
-    run_meta = {"config": dataclasses.asdict(cfg), "tokenizer": tokenizer.name}  # in every checkpoint
+    run_meta = {"config": dataclasses.asdict(cfg), "tokenizer": tokenizer.name, "tokens_per_step": tokens_per_step}
     evaluator = Evaluator(cfg, d, device, amp, val_loader, val_chunks, tokenizer, load_hellaswag(cfg, d))
     params = [p for p in model.parameters() if p.requires_grad]
     flops_per_token, peak = model.flops_per_token(seq_len), peak_flops(device)

@@ -15,7 +15,7 @@ import checkpoint
 import dataloader
 import train
 from metrics import MetricsLog
-from runs import TINY, read_metrics, train_losses
+from runs import TINY, read_metrics, run_train, train_losses
 
 
 def flags(data, run, steps=6, every=3, extra=""):
@@ -230,6 +230,29 @@ def test_a_second_run_on_the_same_out_is_refused(tiny_data, tmp_path, capsys):
     assert "in use by another run (pid 12345 on elsewhere)" in capsys.readouterr().err
     assert not (run / "metrics.jsonl").exists()
     assert train.main(flags(tiny_data, run, steps=1)) == 0  # the lock went with its holder
+
+
+def test_a_second_run_with_two_processes_is_refused_by_every_rank_without_a_traceback(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    with open(run / ".lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        result = run_train(flags(tiny_data, run), nproc=2)
+    assert result.returncode != 0
+    assert result.stderr.count("in use by another run") == 1 and "[rank 1]" not in result.stderr  # said once, by rank 0
+    assert 'train.py", line' not in result.stderr  # no traceback from a worker (torchrun prints its own)
+    assert not (run / "metrics.jsonl").exists()
+
+
+def test_a_folder_that_cannot_be_locked_trains_with_a_warning(tiny_data, tmp_path, monkeypatch, capsys):
+    def no_locks(*args):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(train.fcntl, "flock", no_locks)
+    assert train.main(flags(tiny_data, tmp_path / "run", steps=1)) == 0
+    assert (
+        "cannot be locked (Function not implemented): a second run on it will not be refused" in capsys.readouterr().out
+    )
 
 
 # ---- data ----

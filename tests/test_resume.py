@@ -3,6 +3,7 @@
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -92,7 +93,7 @@ def test_two_process_sigkill_resume_is_bit_identical(tiny_data, tmp_path, refere
     assert_metrics_continue(run, 20)
 
 
-def test_resume_on_other_world_size_keeps_data_order(tiny_data, tmp_path):
+def test_resume_on_other_world_size_keeps_data_order(tiny_data, tmp_path, capsys):
     run = tmp_path / "run"
     total = ["--total-batch-size", str(4 * 32 * 2)]
     ref = tmp_path / "ref"
@@ -101,6 +102,8 @@ def test_resume_on_other_world_size_keeps_data_order(tiny_data, tmp_path):
         flags(tiny_data, run, extra=total), nproc=2, env={"GPT2_TRAINER_TEST_KILL_AFTER_CHECKPOINT": "10:0"}
     )
     assert killed.returncode != 0
+    assert train.main(flags(tiny_data, run)) == train.EXIT_CONFIG  # no --total-batch-size: half the batch
+    assert "took 256 tokens per step on 2 process(es)" in capsys.readouterr().err
     assert train.main(flags(tiny_data, run, extra=total)) == 0  # one process, twice the accumulation
     one, mixed = train_losses(ref), train_losses(run)
     assert sorted(mixed) == list(range(20))
@@ -299,6 +302,33 @@ def test_a_save_that_fails_on_one_rank_fails_on_every_rank_and_publishes_nothing
     assert "another rank could not write its RNG state" in outcomes[0]
     assert "unexpected pos" in outcomes[1]
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == []  # nothing published, no .tmp
+
+
+def _candidates_per_rank(rank: int, world_size: int, run_dirs: list[str], out: str) -> None:
+    from runtime import Dist
+
+    checkpointer = checkpoint.Checkpointer(Path(run_dirs[rank]), 5, 0, 0, Dist(rank=rank, world_size=world_size))
+    try:
+        outcome = " ".join(str(c.step) for c in checkpointer.candidates("auto"))
+    except checkpoint.CheckpointError as e:
+        outcome = str(e)
+    Path(out, f"rank{rank}.txt").write_text(outcome)
+
+
+def test_ranks_that_see_different_newest_checkpoints_all_stop_with_the_reason(tiny_data, tmp_path):
+    shared = tmp_path / "shared"
+    assert train.main(flags(tiny_data, shared, steps=10, every=5)) == 0
+    stale = tmp_path / "stale"  # what a node with a stale view of the folder sees: no step 10
+    shutil.copytree(shared, stale)
+    shutil.rmtree(stale / "checkpoints" / "step_00000010")
+    spawn_gloo(_candidates_per_rank, 2, tmp_path, [str(shared), str(shared)], str(tmp_path))
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)] == ["10 5", "10 5"]
+    spawn_gloo(_candidates_per_rank, 2, tmp_path, [str(shared), str(stale)], str(tmp_path))
+    outcomes = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
+    assert "newest usable one is step 10" in outcomes[0] and "newest usable one is step 5" in outcomes[1]
+    assert all(
+        "the processes see different checkpoints" in o and "HINT: --out must be one folder" in o for o in outcomes
+    )
 
 
 def test_truncated_newest_checkpoint_is_skipped_with_warning(tiny_data, tmp_path, capsys):

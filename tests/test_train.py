@@ -15,7 +15,7 @@ from runs import TINY, read_metrics, run_train, train_losses
     "flags, message",
     [
         (["--model", "gpt5"], "not a preset"),
-        (["--total-batch-size", "1000"], "not divisible"),
+        (["--total-batch-size", "1000"], "HINT: use a multiple of 128, such as 1024"),
         (["--seq-len", "4096"], "longer than the model's block size"),
         (["--lr", "0"], "--lr must be > 0"),
         (["--lr", "nan"], "--lr must be a finite number"),
@@ -58,6 +58,14 @@ def test_missing_data_directory_says_what_to_do(tmp_path, capsys):
     code = train.main([*TINY, "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run")])
     assert code == train.EXIT_CONFIG  # the user's mistake
     assert "prepare_data.py" in capsys.readouterr().err
+
+
+def test_only_a_lost_peer_is_taken_for_one():
+    from runtime import peer_gone
+
+    assert peer_gone(RuntimeError("[pair.cc:534] Connection closed by peer [127.0.0.1]:29500"))
+    assert peer_gone(torch.distributed.DistNetworkError("store lost"))
+    assert not peer_gone(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
 
 
 def test_learning_rate_warms_up_then_decays_to_min_lr():
