@@ -39,7 +39,7 @@ from safetensors.torch import load_file, save_file
 
 from dataloader import DataError
 from files import fsync_dir, fsync_file, readable_as_usual, sha256_file, write_text_atomic
-from model import GPT, GPTConfig
+from model import GPT, HF_TOKENIZER_KEY, GPTConfig
 from runtime import ConfigError, Dist, print0
 
 FORMAT_VERSION = 1
@@ -308,12 +308,17 @@ def is_checkpoint_path(path: str | Path) -> bool:
 
 
 def saved_tokenizer(path: str | Path) -> str | None:
-    """The tokenizer a run of ours was trained with, as its checkpoints record it; None for other
-    sources and for checkpoints from before the record. Read from meta.json alone: every
-    checkpoint of a run records the same one, so a damaged one still tells."""
+    """The tokenizer a run of ours was trained with, as its checkpoints record it (or its export,
+    in config.json); None for other sources and for checkpoints from before the record. Read
+    from meta.json alone: every checkpoint of a run records the same one, so a damaged one
+    still tells."""
     path = Path(path)
     if not is_checkpoint_path(path):
-        return None
+        try:
+            name = json.loads((path / "config.json").read_text()).get(HF_TOKENIZER_KEY)
+        except (OSError, ValueError, AttributeError):
+            return None
+        return name if isinstance(name, str) else None
     for step_dir in [path] if CKPT_DIR_RE.match(path.name) else list_checkpoint_dirs(path):
         try:
             name = json.loads((step_dir / "meta.json").read_text()).get("tokenizer")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -353,11 +354,17 @@ class GPT(nn.Module):
                 else:
                     sd[k].copy_(src)
 
-    def export_hf(self, out_dir: str | Path) -> Path:
-        """Write config.json + model.safetensors that `GPT2LMHeadModel.from_pretrained` loads.
-        Padded vocabulary rows are dropped."""
+    def export_hf(self, out_dir: str | Path, tokenizer: str | None = None) -> Path:
+        """Write config.json + model.safetensors that `GPT2LMHeadModel.from_pretrained` loads, into
+        a new or empty folder or over an earlier export (see check_export_dir). Padded vocabulary
+        rows are dropped. tokenizer, the name the model was trained with, goes into config.json
+        as HF_TOKENIZER_KEY."""
         from transformers import GPT2Config, GPT2LMHeadModel
 
+        from files import readable_as_usual
+
+        out = Path(out_dir)
+        check_export_dir(out)
         cfg = self.config
         if not cfg.bias:
             raise ValueError("Hugging Face GPT-2 has biases everywhere; a bias=False model cannot be exported")
@@ -374,6 +381,7 @@ class GPT(nn.Module):
             # GPT-2's end-of-text id, where the vocabulary is GPT-2's
             bos_token_id=50256 if cfg.vocab_size > 50256 else None,
             eos_token_id=50256 if cfg.vocab_size > 50256 else None,
+            **({HF_TOKENIZER_KEY: tokenizer} if tokenizer else {}),
         )
         hf = GPT2LMHeadModel(hc)
         hf_sd = {}
@@ -391,10 +399,48 @@ class GPT(nn.Module):
         if unexpected_missing or result.unexpected_keys:
             raise RuntimeError(f"export mismatch: missing {unexpected_missing}, unexpected {result.unexpected_keys}")
         hf.tie_weights()
-        out = Path(out_dir)
         hf.save_pretrained(out, safe_serialization=True)
         (out / "gpt2_trainer_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        for path in out.iterdir():
+            if _is_export_file(path.name):
+                readable_as_usual(path)  # safetensors writes its file for its owner alone
         return out
+
+
+# ---- Hugging Face export folders ----
+
+# The key of the exported config.json that names the tokenizer the model was trained with
+HF_TOKENIZER_KEY = "gpt2_trainer_tokenizer"
+# What export_hf writes (save_pretrained splits weights above its shard size into numbered files)
+_EXPORT_FILES = ("config.json", "generation_config.json", "gpt2_trainer_config.json", "model.safetensors")
+_EXPORT_SHARD = re.compile(r"model-\d+-of-\d+\.safetensors|model\.safetensors\.index\.json")
+
+
+def _is_export_file(name: str) -> bool:
+    return name in _EXPORT_FILES or _EXPORT_SHARD.fullmatch(name) is not None
+
+
+def check_export_dir(out: Path) -> None:
+    """Raise FileExistsError unless out is new, empty, or holds only what export_hf writes (an
+    earlier export, overwritten in place): an export replaces config.json, which in a run
+    folder is the training configuration, and would mix its weights with other files."""
+    hint = "HINT: choose an empty or new folder, for example exported/NAME"
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file, not a folder to export into. {hint}")
+    if not out.is_dir():
+        return
+    if (out / "checkpoints").exists() or (out / "metrics.jsonl").exists():
+        raise FileExistsError(
+            f"{out} is a run folder (it has checkpoints/ or metrics.jsonl): an export would replace "
+            f"the run's config.json and put its weights beside the checkpoints. {hint}"
+        )
+    others = sorted(p.name for p in out.iterdir() if not _is_export_file(p.name))
+    if others:
+        listed = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+        raise FileExistsError(
+            f"{out} holds files an export does not write ({listed}); only a new or empty folder or an "
+            f"earlier export (config.json, model.safetensors and the like alone) is written into. {hint}"
+        )
 
 
 # ---- compiling ----

@@ -36,7 +36,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from model import GPT, GPTConfig
-from runtime import ConfigError
+from runtime import EXIT_CONFIG, EXIT_ERROR, EXIT_OK, ConfigError
 
 # ---- the process group and the wrapping ----
 
@@ -273,7 +273,8 @@ def per_rank_bytes(config: GPTConfig, world_size: int, compute_bytes: int = 2) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    from checkpoint import CheckpointError, load_model
+    from checkpoint import CheckpointError, load_model, saved_tokenizer
+    from model import check_export_dir
 
     parser = argparse.ArgumentParser(prog="python sharding.py", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -281,18 +282,22 @@ def main(argv: list[str] | None = None) -> int:
         "export", help="write a checkpoint (sharded or not) as a Hugging Face folder: config.json + model.safetensors"
     )
     export.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its newest usable checkpoint)")
-    export.add_argument("out", help="the folder to write")
+    export.add_argument("out", help="the folder to write: new, empty, or an earlier export to overwrite")
     args = parser.parse_args(argv)
     try:
+        check_export_dir(Path(args.out))  # before loading weights that may be gigabytes
         model = load_model(args.checkpoint)
-        out = model.export_hf(args.out)
-    except (CheckpointError, ValueError) as e:
+        out = model.export_hf(args.out, tokenizer=saved_tokenizer(args.checkpoint))
+    except FileExistsError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return EXIT_CONFIG
+    except (CheckpointError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_ERROR
     print(
         f"exported {args.checkpoint} to {out}: load it with --init-from {out} (train.py, sample.py) or hellaswag.py --model-type {out}"
     )
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

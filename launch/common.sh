@@ -14,7 +14,7 @@
 
 launcher=""  # pid of what runs the trainer: torchrun, or srun starting one torchrun per node
 preempted=0  # USR1 came: checkpoint, stop, requeue
-ending=0     # TERM came: Slurm is ending the job
+ending=0     # TERM came: Slurm is ending or preempting the job
 trapped=0    # a trap ran while the script sat in `wait`
 
 # shellcheck disable=SC2317 # (trap handlers: called indirectly)
@@ -34,8 +34,9 @@ on_usr1() {
 on_term() {
     trapped=1
     ending=1
-    # scancel or the time limit: Slurm signals every process of the job itself. Staying
-    # alive lets the trainer finish its checkpoint before Slurm's KillWait runs out.
+    # scancel, the time limit or preemption: Slurm signals every process of the job itself.
+    # Staying alive lets the trainer finish its checkpoint before Slurm's KillWait (or the
+    # partition's GraceTime, for preemption) runs out.
     echo "launch: TERM at $(date +%T): Slurm is ending the job; waiting for the trainer to save"
 }
 
@@ -131,11 +132,22 @@ finish() {
         latest=$(cat "$RUN_DIR/checkpoints/latest" 2>/dev/null || echo "none")
         echo "launch: trainer stopped ($name exit $status), latest checkpoint: $latest;" \
             "requeueing job $SLURM_JOB_ID to resume"
-        scontrol requeue "$SLURM_JOB_ID"
-        exit 0
+        # (a failure here would end the script without a word under `set -e`)
+        if scontrol requeue "$SLURM_JOB_ID"; then
+            exit 0
+        fi
+        echo "launch: could not requeue job $SLURM_JOB_ID (some sites and partitions forbid it);" \
+            "to go on, submit again with RUN_DIR=$RUN_DIR and the same flags" >&2
+        exit "$status"
     fi
     if ((ending)); then
-        echo "launch: stopped by Slurm ($name exit $status); to go on, submit again with RUN_DIR=$RUN_DIR" >&2
+        # TERM does not say why it came. A preemption under PreemptMode=REQUEUE puts the job
+        # back in the queue on Slurm's side, under the same id and so the same RUN_DIR: a second
+        # submission would train there at the same time. scancel and the time limit end it.
+        echo "launch: stopped by Slurm ($name exit $status). After a preemption on a partition" \
+            "with PreemptMode=REQUEUE, Slurm requeues the job itself and it resumes: check" \
+            "\`squeue -j $SLURM_JOB_ID\` and submit nothing while it is listed. Otherwise (scancel," \
+            "the time limit), to go on, submit again with RUN_DIR=$RUN_DIR" >&2
     else
         echo "launch: training failed ($name exit $status)" >&2
     fi

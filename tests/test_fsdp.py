@@ -99,7 +99,7 @@ def _sharded_step(rank: int, out: Path) -> dict:
     shards = sharding.ShardedState(model, optimizer)
     for step in (1, 2):
         checkpoint.save_checkpoint(
-            out / "run", step, model, {"tokens_seen": 0}, {}, rank, 2, d.barrier, d.any, shards.save
+            out / "run", step, model, {"tokens_seen": 0}, {"tokenizer": "gpt2"}, rank, 2, d.barrier, d.any, shards.save
         )
     full = {name: p.full_tensor() for name, p in model.state_dict().items()}  # (a collective: every rank)
     if rank == 0:
@@ -189,6 +189,44 @@ def test_export_of_a_sharded_checkpoint_gives_the_unsharded_models_logits(two_ra
         from_checkpoint = checkpoint.load_model(two_ranks[1] / "run").eval()(saved["x"], y)[0]
     assert torch.equal(from_checkpoint, saved["logits"])
     torch.testing.assert_close(from_export, saved["logits"], rtol=0, atol=1e-6)
+
+
+def test_export_records_the_checkpoints_tokenizer_where_saved_tokenizer_finds_it(two_ranks, tmp_path):
+    run, out = two_ranks[1] / "run", tmp_path / "exported"
+    assert sharding.main(["export", str(run), str(out)]) == 0
+    assert checkpoint.saved_tokenizer(run) == "gpt2"
+    assert checkpoint.saved_tokenizer(out) == "gpt2"  # None where config.json does not record it
+
+
+def test_export_over_an_earlier_export_is_done_in_place(two_ranks, tmp_path):
+    out = tmp_path / "exported"
+    for _ in range(2):
+        assert sharding.main(["export", str(two_ranks[1] / "run"), str(out)]) == 0
+    assert GPT.from_pretrained(str(out)).config.n_layer == CONFIG["n_layer"]
+
+
+def folder_contents(folder: Path) -> list[tuple[str, bytes | None]]:
+    return sorted((str(p.relative_to(folder)), p.read_bytes() if p.is_file() else None) for p in folder.rglob("*"))
+
+
+@pytest.mark.parametrize(
+    ("files", "said"),
+    [
+        (["config.json", "metrics.jsonl", "checkpoints/step_00000001/meta.json"], "is a run folder"),
+        (["config.json", "model.safetensors", "notes.txt"], "holds files an export does not write (notes.txt)"),
+    ],
+)
+def test_export_into_a_run_folder_or_one_with_other_files_is_refused_and_touches_nothing(files, said, tmp_path, capsys):
+    folder = tmp_path / "target"
+    for name in files:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text("{}")
+    before = folder_contents(folder)
+    # refused before the source is read, as in `export RUN RUN`
+    assert sharding.main(["export", str(folder), str(folder)]) == sharding.EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert said in err and "HINT: choose an empty or new folder" in err and "Traceback" not in err
+    assert folder_contents(folder) == before
 
 
 @pytest.mark.slow

@@ -116,13 +116,18 @@ WORKER = (
 )
 
 
-def launch_with_worker(script: str, tmp_path: Path) -> tuple[subprocess.Popen, int]:
+# What scontrol says where a site forbids requeueing
+REQUEUE_REFUSED = 'if [[ $1 == requeue ]]; then echo "Requested operation is presently disabled" >&2; exit 1; fi'
+
+
+def launch_with_worker(script: str, tmp_path: Path, scontrol: str = "") -> tuple[subprocess.Popen, int]:
     """The script running a stand-in trainer: torchrun's workers are its children, and srun
-    passes the signals it gets on to its task. Returns the script's process and the worker's pid."""
+    passes the signals it gets on to its task; scontrol records its calls, then runs `scontrol`.
+    Returns the script's process and the worker's pid."""
     ready, calls = tmp_path / "worker.pid", tmp_path / "scontrol_calls"
     worker = f'{sys.executable} -c "{WORKER}" {ready}'
     commands = {
-        "scontrol": f'echo "$@" >>{calls}; echo "${{@: -1}}"',
+        "scontrol": f'echo "$@" >>{calls}; {scontrol or ":"}; echo "${{@: -1}}"',
         "torchrun": f"{worker} & wait $!; exit 1",  # torchrun reports a worker's failure as exit 1
         "srun": f"trap 'kill -USR1 $child' USR1; {worker} & child=$!; wait $child; wait $child",
     }
@@ -154,6 +159,17 @@ def test_usr1_reaches_the_trainer_and_the_job_is_requeued(script, tmp_path):
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
+def test_a_refused_requeue_says_how_to_go_on_instead_of_ending_silently(script, tmp_path):
+    proc, _ = launch_with_worker(script, tmp_path, scontrol=REQUEUE_REFUSED)
+    proc.send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0, out + err
+    assert "requeue 4242" in (tmp_path / "scontrol_calls").read_text()
+    assert "could not requeue job 4242" in err
+    assert f"to go on, submit again with RUN_DIR={tmp_path / 'run'} and the same flags" in err
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
 def test_term_waits_for_the_trainer_and_says_how_to_go_on(script, tmp_path):
     proc, worker = launch_with_worker(script, tmp_path)
     # scancel: Slurm sends TERM to every process of the job, the batch script among them
@@ -162,6 +178,8 @@ def test_term_waits_for_the_trainer_and_says_how_to_go_on(script, tmp_path):
     out, err = proc.communicate(timeout=60)
     assert proc.returncode != 0 and "waiting for the trainer to save" in out
     assert f"to go on, submit again with RUN_DIR={tmp_path / 'run'}" in err
+    # a preemption under PreemptMode=REQUEUE sends the same TERM, and Slurm requeues the job itself
+    assert "PreemptMode=REQUEUE, Slurm requeues the job itself" in err and "`squeue -j 4242`" in err
     calls = tmp_path / "scontrol_calls"
     assert not calls.exists() or "requeue" not in calls.read_text()
 

@@ -1,10 +1,13 @@
+import json
 import math
+import os
+import stat
 
 import pytest
 import torch
 
 from conftest import requires_gpu, save_tiny_hf_gpt2
-from model import GPT, PRESETS, GPTConfig, config_from_preset
+from model import GPT, HF_TOKENIZER_KEY, PRESETS, GPTConfig, config_from_preset
 
 
 def tiny(**overrides) -> GPT:
@@ -186,6 +189,34 @@ def test_export_round_trip_through_transformers(tmp_path):
     back = GPT.from_pretrained(str(out)).eval()
     with torch.no_grad():
         assert (back(idx, idx)[0] - model(idx, idx)[0]).abs().max().item() < 1e-5
+
+
+def test_exported_files_have_the_permissions_the_umask_gives(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        out = tiny().export_hf(tmp_path / "export")
+    finally:
+        os.umask(previous)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    assert "model.safetensors" in modes and set(modes.values()) == {0o644}, modes
+
+
+def test_export_refuses_a_run_folder_and_leaves_it_as_it_was(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.json").write_text('{"model": "tiny"}')
+    with pytest.raises(FileExistsError, match="is a run folder.*HINT: choose an empty or new folder"):
+        tiny().export_hf(run)
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.json"]
+    assert (run / "config.json").read_text() == '{"model": "tiny"}'
+
+
+def test_export_writes_over_an_earlier_export_and_names_the_tokenizer(tmp_path):
+    out = tmp_path / "export"
+    tiny().export_hf(out)
+    tiny(n_layer=1).export_hf(out, tokenizer="cl100k_base")
+    assert GPT.from_pretrained(str(out)).config.n_layer == 1
+    assert json.loads((out / "config.json").read_text())[HF_TOKENIZER_KEY] == "cl100k_base"
 
 
 def loss_and_grads(model: GPT, idx: torch.Tensor, targets: torch.Tensor, seed: int = 0):
