@@ -497,7 +497,7 @@ def _trained_tokenizer(args: argparse.Namespace) -> Tokenizer:
     from checkpoint import saved_tokenizer
     from tokenizer import get_tokenizer
 
-    return get_tokenizer((args.checkpoint and saved_tokenizer(args.checkpoint)) or "gpt2")
+    return get_tokenizer(saved_tokenizer(args.checkpoint or args.model_type) or "gpt2")
 
 
 def run(argv: list[str] | None = None) -> dict:
