@@ -420,6 +420,10 @@ def describe_run(
         f"= {tokens_per_step:,} tokens per step; {cfg.max_steps} steps = {tokens_per_step * cfg.max_steps:,} "
         f"tokens; train split {loader.num_tokens:,} tokens"
     )
+    if cfg.warmup_steps >= cfg.max_steps > 0:
+        print0(
+            f"note: --warmup-steps {cfg.warmup_steps} >= --max-steps {cfg.max_steps}: the learning rate never reaches --lr"
+        )
     step_tflop = model.flops_per_token(seq_len) * tokens_per_step / d.world_size / 1e12
     if device.type == "cpu" and step_tflop > 1:
         print0(

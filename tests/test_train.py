@@ -54,6 +54,12 @@ def test_zero_samples_trains_and_prints_none(tiny_data, tmp_path, capsys):
     assert "step      1 | loss" in out and "---- sample" not in out
 
 
+def test_warm_up_longer_than_the_run_is_noted(tiny_data, tmp_path, capsys):
+    args = [*TINY, "--data", str(tiny_data), "--out", str(tmp_path / "run"), "--max-steps", "2", "--warmup-steps", "5"]
+    assert train.main([*args, "--eval-every", "0", "--num-samples", "0"]) == 0
+    assert "--warmup-steps 5 >= --max-steps 2: the learning rate never reaches --lr" in capsys.readouterr().out
+
+
 def test_missing_data_directory_says_what_to_do(tmp_path, capsys):
     code = train.main([*TINY, "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run")])
     assert code == train.EXIT_CONFIG  # the user's mistake
