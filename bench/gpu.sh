@@ -19,15 +19,17 @@
 # bench.step uses the fused loss by default, as train.py does. An item whose row in
 # BENCHMARKS.md was taken with the plain loss passes --no-fused-loss, so that it stays
 # comparable with that row; the items named -fused, -combined and xl-ac, and xl-batch24, time
-# the fused loss.
-ORDER=(env overhead tests hellaswag hellaswag-model gpt2-step-fused xl-batch24 gpt2-step-ma fsdp gpt2-step xl-batch gpt2
+# the fused loss. gpt2-step-fused and xl-batch24 also profile a step (bench/kernels.py): the
+# device's time by kind of kernel, the longest kernels, and the time it sat idle.
+ORDER=(env overhead tests hellaswag hellaswag-model gpt2-step-fused xl-batch24 gpt2-step-128 gpt2-step-ma fsdp gpt2-step xl-batch gpt2
     gpt2-step-cd xl-step gpt2-accum modes gpt2-blocks xl gpt2-combined gpt2-fused attention gpt2-batch xl-ac variants)
 declare -A ESTIMATE_S=(
     [env]=10             # the GPU, the driver, torch and CUDA versions
     # training steps as the README's runs take them: several micro-batches of gradient
     # accumulation per optimizer step, which spreads the optimizer's cost over them
-    [gpt2-step-fused]=50 # gpt2-step with the fused loss
-    [xl-batch24]=60      # 1.5B, 4 micro-batches of 24 (98,304 tokens), block by block, fused loss
+    [gpt2-step-fused]=55 # gpt2-step with the fused loss, then one step profiled
+    [xl-batch24]=65      # 1.5B, 4 micro-batches of 24 (98,304 tokens), block by block, fused loss, profiled
+    [gpt2-step-128]=55   # the 524,288-token step as 4 micro-batches of 128, cuDNN attention, fused loss
     [fsdp]=90            # the gpt2 and xl items (plain loss) with --fsdp: one process, a process group of one
     [gpt2-step-ma]=180   # gpt2-step (plain loss) compiled with max-autotune-no-cudagraphs (matmul autotuning)
     [gpt2-step]=50       # 124M, 8 micro-batches of 64: 524,288 tokens (GPT-2's batch), cuDNN attention, plain loss
@@ -170,10 +172,13 @@ item_attention() {
 item_gpt2-combined() { bench --model "$MODEL" --batch-size 64 --steps 20 --warmup 5 --attention cudnn --fused-loss; }
 XL_BATCH=(--model "$XL" --grad-accum 4 --steps 5 --warmup 2 --compile-scope blocks)
 item_xl-batch() { bench "${XL_BATCH[@]}" --batch-size 16 --no-fused-loss; }
-item_xl-batch24() { bench "${XL_BATCH[@]}" --batch-size 24 --fused-loss; }
+item_xl-batch24() { bench "${XL_BATCH[@]}" --batch-size 24 --fused-loss --profile 1; }
 GPT2_STEP=(--model "$MODEL" --batch-size 64 --grad-accum 8 --steps 10 --warmup 3)
 item_gpt2-step() { bench "${GPT2_STEP[@]}" --attention cudnn --no-fused-loss; }
-item_gpt2-step-fused() { bench "${GPT2_STEP[@]}" --attention cudnn --fused-loss; }
+item_gpt2-step-fused() { bench "${GPT2_STEP[@]}" --attention cudnn --fused-loss --profile 1; }
+item_gpt2-step-128() {
+    bench --model "$MODEL" --batch-size 128 --grad-accum 4 --steps 10 --warmup 3 --attention cudnn --fused-loss
+}
 item_gpt2-step-ma() {
     bench "${GPT2_STEP[@]}" --attention cudnn --no-fused-loss --compile-mode max-autotune-no-cudagraphs
 }

@@ -6,6 +6,7 @@
     python -m bench.step --model tiny --device cpu --no-compile --steps 5    # checks the script on a CPU
     python -m bench.step --model gpt2-xl --batch-size 8 --compile-scope blocks --fsdp   # sharded, one process
     python -m bench.step --model gpt2-xl --activation-memory --fsdp --world-size 8      # what fits on 8 GPUs
+    python -m bench.step --model gpt2 --batch-size 64 --grad-accum 8 --profile 1         # where the time goes
 
 The speed flags are train.py's (--compile-mode, --compile-scope, --attention,
 --activation-checkpointing, --fused-loss, --fsdp), so a configuration that wins here is one flag
@@ -39,6 +40,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 import sharding
+from bench import kernels
 from model import COMPILE_MODES, COMPILE_SCOPES, GPT, PRESETS, compile_model, config_from_preset
 from runtime import (
     ATTENTION_BACKENDS,
@@ -181,15 +183,24 @@ def time_steps(step: Callable[[], None], device: torch.device, steps: int, warmu
 
 
 def bench_one(
-    preset: str, batch_size: int, seq_len: int, steps: int, warmup: int, device: torch.device, opts: StepOptions
+    preset: str,
+    batch_size: int,
+    seq_len: int,
+    steps: int,
+    warmup: int,
+    device: torch.device,
+    opts: StepOptions,
+    profile_steps: int = 0,
 ) -> dict:
+    """One configuration's row; with profile_steps, also where its time goes (the key "profile",
+    which kernels.summary describes, and "kernels", the list kernels.describe prints)."""
     step, model, amp = make_step(preset, batch_size, seq_len, device, opts)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     first_step_s, step_s = time_steps(step, device, steps, warmup)
     tokens_per_sec = batch_size * seq_len * opts.grad_accum / step_s
     peak = peak_flops(device)
-    return {
+    row = {
         "model": preset,
         "batch_size": batch_size,
         "seq_len": seq_len,
@@ -210,6 +221,11 @@ def bench_one(
         "peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
         "first_step_s": round(first_step_s, 2),
     }
+    if profile_steps:
+        profiled = kernels.profile_steps(step, device, profile_steps)
+        row["profile"] = kernels.summary(profiled, step_s * 1000 if device.type == "cuda" else None)
+        row["kernels"] = profiled
+    return row
 
 
 def activation_memory(preset: str, seq_len: int, device: torch.device, opts: StepOptions, world_size: int = 8) -> dict:
@@ -342,10 +358,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="N",
         help="with --activation-memory --fsdp: also give what each of N ranks would hold",
     )
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after timing, profile N more steps and print where the device's time goes (bench/kernels.py)",
+    )
     p.add_argument("--json", action="store_true", help="one JSON object per configuration instead of a table")
     args = p.parse_args(argv)
-    if args.steps < 1 or args.warmup < 1 or args.grad_accum < 1:
-        p.error("--steps, --warmup and --grad-accum must be >= 1")
+    if args.steps < 1 or args.warmup < 1 or args.grad_accum < 1 or args.profile < 0:
+        p.error("--steps, --warmup and --grad-accum must be >= 1, --profile >= 0")
     if args.activation_checkpointing < 0 or args.pad_vocab < 1 or args.world_size < 1:
         p.error("--activation-checkpointing must be >= 0, --pad-vocab and --world-size >= 1")
     try:
@@ -381,14 +404,19 @@ def run_timing(args: argparse.Namespace, device: torch.device, opts: StepOptions
         for preset in args.model:
             seq_len = args.seq_len or config_from_preset(preset).block_size
             for batch_size in args.batch_size:
+                shape = (preset, batch_size, seq_len, args.steps, args.warmup, device, opts, args.profile)
                 try:
-                    result = bench_one(preset, batch_size, seq_len, args.steps, args.warmup, device, opts)
+                    result = bench_one(*shape)
                 except torch.OutOfMemoryError:
                     result = {"model": preset, "batch_size": batch_size, "seq_len": seq_len}
                     result.update(grad_accum=opts.grad_accum, error="OOM")
                     torch.cuda.empty_cache()
+                profiled = result.pop("kernels", None)
                 row = {**result, "variant": variant}
                 print(json.dumps(row) if args.json else describe(result, variant), flush=True)
+                if profiled is not None and not args.json:
+                    step_ms = result["step_ms"] if device.type == "cuda" else None
+                    print("\n".join(kernels.describe(profiled, step_ms, args.profile)), flush=True)
                 if args.save:
                     with open(args.save, "a") as f:
                         f.write(json.dumps(row) + "\n")
