@@ -84,16 +84,27 @@ def test_learning_rate_warms_up_then_decays_to_min_lr():
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["skip-on-device", "skip-on-host"])
-def test_update_skips_a_nonfinite_step_leaving_weights_and_optimizer_state_unchanged(fused):
+ON_GPU = pytest.param(
+    True,
+    "cuda",
+    id="skip-on-gpu",  # the path train.py takes there: a pinned read-back behind a CUDA event
+    marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")],
+)
+
+
+@pytest.mark.parametrize(
+    "fused, device", [(True, "cpu"), (False, "cpu"), ON_GPU], ids=["skip-on-device", "skip-on-host", "skip-on-gpu"]
+)
+def test_update_skips_a_nonfinite_step_leaving_weights_and_optimizer_state_unchanged(fused, device):
     torch.manual_seed(0)
-    net = torch.nn.Linear(4, 3)
+    net = torch.nn.Linear(4, 3).to(device)
     optimizer = torch.optim.AdamW(net.parameters(), lr=0.1, fused=fused)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    scaler = torch.amp.GradScaler(device, enabled=False)
 
     def step(loss_sum: float) -> list[float]:
-        net(torch.randn(5, 4)).square().mean().backward()
-        status = torch.tensor([loss_sum, 0.0, 1.5])  # [loss, stop, grad norm], as step_status gives
+        net(torch.randn(5, 4, device=device)).square().mean().backward()
+        # [loss, stop, grad norm], as step_status gives
+        status = torch.tensor([loss_sum, 0.0, 1.5], device=device)
         values = train.update(optimizer, scaler, status)
         optimizer.zero_grad(set_to_none=True)
         return values
