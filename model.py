@@ -76,6 +76,39 @@ def config_from_preset(name: str, **overrides) -> GPTConfig:
 # ---- the network ----
 
 
+class LayerCache:
+    """One layer's keys and values (B, heads, tokens so far, head size), for sampling."""
+
+    def __init__(self) -> None:
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return 0 if self.keys is None else self.keys.size(2)
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add the new tokens' keys and values; all of them so far, these included."""
+        if self.keys is not None:
+            if k.size(2) != 1:
+                # a causal mask between several new tokens and the old ones is not written: the
+                # prompt goes in first, then one token at a time
+                raise ValueError("a cache that holds tokens takes one new token at a time")
+            k, v = torch.cat((self.keys, k), dim=2), torch.cat((self.values, v), dim=2)
+        self.keys, self.values = k, v
+        return k, v
+
+
+class KVCache:
+    """The keys and values of every token seen so far, layer by layer: with it, sampling runs
+    the model on each new token alone instead of on the whole context again."""
+
+    def __init__(self, n_layer: int) -> None:
+        self.layers = [LayerCache() for _ in range(n_layer)]
+
+    def __len__(self) -> int:
+        return len(self.layers[0])
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -87,12 +120,16 @@ class CausalSelfAttention(nn.Module):
         self.c_proj.residual_scale_init = True
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        # SDPA picks flash / memory-efficient / cuDNN kernels where the device has them
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        if cache is not None:
+            k, v = cache.extend(k, v)
+        # SDPA picks flash / memory-efficient / cuDNN kernels where the device has them. Causal
+        # among the tokens given; one token after cached ones attends to all of them.
+        causal = T > 1
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=causal)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -120,8 +157,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -171,9 +208,14 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean"
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        reduction: str = "mean",
+        cache: KVCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """idx (B, T) token ids -> (logits, loss).
+        """idx (B, T) token ids -> (logits, loss). With a cache (sampling), idx continues the
+        tokens the cache holds and their keys and values are added to it.
 
         With targets: logits for every position (B, T, V) and the cross-entropy loss, a scalar
         for reduction="mean" or per token (B, T) for reduction="none"; targets of -1 are
@@ -182,22 +224,26 @@ class GPT(nn.Module):
         V is the real vocabulary: padded ids are cut off, so they can never be sampled.
         With fused_loss set, a mean loss that needs gradients comes with logits None.
         """
-        return self.logits_and_loss(self.hidden_states(idx), targets, reduction)
+        return self.logits_and_loss(self.hidden_states(idx, cache), targets, reduction)
 
     # The forward pass in two halves, so that a training script can compile each block and the
     # output half apart (train.py's --compile-scope blocks).
 
-    def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
-        """Token ids (B, T) -> the last block's output (B, T, C)."""
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Token ids (B, T) -> the last block's output (B, T, C); with a cache, idx are the
+        positions after the ones it holds."""
         B, T = idx.shape
-        if T > self.config.block_size:
-            raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
-        pos = torch.arange(T, dtype=torch.long, device=idx.device)
+        start = len(cache) if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of length {start + T} is longer than block_size {self.config.block_size}")
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         recompute = self.activation_checkpointing if self.training and torch.is_grad_enabled() else 0
         for i, block in enumerate(self.transformer.h):
             if recompute and i % recompute == 0:
                 x = checkpoint(block, x, use_reentrant=False)  # keeps the RNG state: same dropout
+            elif cache is not None:
+                x = block(x, cache.layers[i])
             else:
                 x = block(x)
         return x
@@ -283,12 +329,25 @@ class GPT(nn.Module):
         temperature: float = 1.0,
         top_k: int | None = None,
         generator: torch.Generator | None = None,
+        use_cache: bool = True,
     ) -> torch.Tensor:
         """Append max_new_tokens sampled tokens to idx (B, T). Reproducible with a seeded generator
-        (on the model's device). temperature 0 means greedy."""
+        (on the model's device). temperature 0 means greedy.
+
+        Each token is predicted from the last block_size tokens. A cache of their keys and
+        values lets each step run the model on the newest token alone; once the sequence is
+        longer than block_size, the window slides and each step starts a cache afresh.
+        use_cache=False runs the whole window every step (the same tokens, slower)."""
+        block_size = self.config.block_size
+        cache = KVCache(self.config.n_layer)
         for _ in range(max_new_tokens):
-            context = idx[:, -self.config.block_size :]
-            logits, _ = self(context)
+            if not use_cache:
+                logits, _ = self(idx[:, -block_size:])
+            elif len(cache) == 0 or len(cache) == block_size:
+                cache = KVCache(self.config.n_layer)
+                logits, _ = self(idx[:, -block_size:], cache=cache)
+            else:
+                logits, _ = self(idx[:, -1:], cache=cache)
             logits = logits[:, -1, :].float()
             if temperature == 0:
                 next_id = logits.argmax(dim=-1, keepdim=True)

@@ -22,7 +22,8 @@
 # the fused loss. gpt2-step-fused and xl-batch24 also profile a step (bench/kernels.py): the
 # device's time by kind of kernel, the longest kernels, and the time it sat idle.
 ORDER=(env overhead tests hellaswag hellaswag-model gpt2-step-fused xl-batch24 gpt2-step-128 gpt2-step-ma fsdp gpt2-step xl-batch gpt2
-    gpt2-step-cd xl-step gpt2-accum modes gpt2-blocks xl gpt2-combined gpt2-fused attention gpt2-batch xl-ac variants)
+    gpt2-step-cd xl-step gpt2-accum modes gpt2-blocks xl gpt2-combined gpt2-fused attention gpt2-batch xl-ac variants
+    generate)
 declare -A ESTIMATE_S=(
     [env]=10             # the GPU, the driver, torch and CUDA versions
     # training steps as the README's runs take them: several micro-batches of gradient
@@ -51,6 +52,7 @@ declare -A ESTIMATE_S=(
     [gpt2-batch]=90      # 124M at micro-batch 16 and 64, plain loss
     [xl-ac]=80           # 1.5B at micro-batch 16 with every block checkpointed and the fused loss
     [variants]=130       # the gpt2 item with the vocabulary unpadded, AdamW unfused, no torch.compile
+    [generate]=30        # sampling 124M, 500 tokens, 1 and 8 sequences, with the key-value cache and without
 )
 # Environment (all optional):
 #   LOGS            where the results go: bench_gpu.log (everything printed), results.jsonl (a row per
@@ -200,6 +202,10 @@ item_variants() {
 item_modes() {
     bench "${GPT2[@]}" --no-fused-loss --compile-mode max-autotune-no-cudagraphs
     bench "${GPT2[@]}" --no-fused-loss --compile-mode reduce-overhead
+}
+item_generate() {
+    step "$PYTHON" -m bench.generate --model "$MODEL" --tokens 500
+    step "$PYTHON" -m bench.generate --model "$MODEL" --tokens 500 --batch-size 8
 }
 item_hellaswag() { hellaswag_from_cold blocks; }
 item_hellaswag-model() { hellaswag_from_cold model; }

@@ -286,3 +286,12 @@ def test_profile_on_a_gpu_finds_the_matmuls_attention_and_generated_kernels():
     assert result["profile"]["idle_ms"] is not None
     # the kernels' time fits in the steps they ran in (one stream: they do not overlap)
     assert sum(kinds.values()) < 1.2 * result["step_ms"]
+
+
+def test_generate_benchmark_gives_both_speeds_and_the_same_tokens_in_fp32(capsys):
+    from bench import generate as bench_generate
+
+    assert bench_generate.main(["--model", "tiny", "--tokens", "6", "--batch-size", "2", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "12 tokens with the cache" in out and "12 tokens without it" in out
+    assert "the same tokens: yes (float32)" in out

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import requires_gpu, save_tiny_hf_gpt2
-from model import GPT, HF_TOKENIZER_KEY, PRESETS, GPTConfig, config_from_preset
+from model import GPT, HF_TOKENIZER_KEY, PRESETS, GPTConfig, KVCache, config_from_preset
 
 
 def tiny(**overrides) -> GPT:
@@ -95,6 +95,40 @@ def test_generate_is_reproducible_with_a_seed():
     b = model.generate(idx, 10, top_k=50, generator=torch.Generator().manual_seed(42))
     c = model.generate(idx, 10, top_k=50, generator=torch.Generator().manual_seed(43))
     assert a.shape == (2, 11) and torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_cached_forward_gives_the_logits_of_the_whole_sequence():
+    model = tiny(block_size=32).eval()
+    idx = torch.randint(0, 50257, (2, 20))
+    with torch.no_grad():
+        full, _ = model(idx, idx)  # logits at every position
+        cache = KVCache(model.config.n_layer)
+        prompt, _ = model(idx[:, :5], cache=cache)
+        torch.testing.assert_close(prompt[:, -1], full[:, 4], rtol=1e-5, atol=1e-5)
+        for t in range(5, 20):
+            step, _ = model(idx[:, t : t + 1], cache=cache)
+            torch.testing.assert_close(step[:, -1], full[:, t], rtol=1e-5, atol=1e-5)
+    assert len(cache) == 20
+    with pytest.raises(ValueError, match="one new token at a time"):
+        model(idx[:, :2], cache=cache)
+    full = KVCache(model.config.n_layer)
+    with torch.no_grad():
+        model(torch.zeros((2, 32), dtype=torch.long), cache=full)
+    with pytest.raises(ValueError, match="sequence of length 33 is longer than block_size 32"):
+        model(torch.zeros((2, 1), dtype=torch.long), cache=full)
+
+
+def test_generate_past_block_size_predicts_from_the_last_block_size_tokens():
+    """The cache must give the tokens a model without one gives: each predicted from the last
+    block_size tokens, also once the window slides (here from the 17th token on)."""
+    model = tiny(block_size=16).eval()
+    idx = torch.randint(0, 50257, (2, 3))
+    expected = idx
+    with torch.no_grad():
+        for _ in range(30):
+            logits, _ = model(expected[:, -16:])
+            expected = torch.cat((expected, logits[:, -1].argmax(-1, keepdim=True)), dim=1)
+    assert torch.equal(model.generate(idx, 30, temperature=0), expected)
 
 
 def test_top_k_one_is_greedy():
