@@ -240,6 +240,18 @@ def list_checkpoint_dirs(run_dir: Path) -> list[Path]:
 REQUIRED_FILES = ("model.safetensors", "train_state.pt", "rng_rank00000.pt")
 
 
+def started_with(path: Path, resume: str) -> bool:
+    """Whether the checkpoint at path was saved by a run started with this --resume value (a
+    checkpoint path compared as the file it names); False where its meta cannot tell."""
+    try:
+        recorded = json.loads((path / "meta.json").read_text())["config"]["resume"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    if not isinstance(recorded, str) or resume in ("auto", "never") or recorded in ("auto", "never"):
+        return recorded == resume
+    return os.path.realpath(recorded) == os.path.realpath(resume)
+
+
 def verify_checkpoint(path: Path, weights_only: bool = False) -> dict:
     """Meta of a checkpoint after checking it against its directory: its step, the files every
     checkpoint has, and every listed file's size and sha256. weights_only: the optimizer's and
@@ -457,8 +469,8 @@ class Checkpointer:
         if candidates or (self.auto and list_checkpoint_dirs(self.run_dir)):
             raise CheckpointError(
                 f"no checkpoint in {self.run_dir / 'checkpoints'} is usable (see the warnings above), and starting "
-                "over would mix a new run with this one's record.\nHINT: to start afresh, pass --resume never "
-                "(and another --out to keep this run's files), or move the checkpoints away."
+                "over would mix a new run with this one's record.\nHINT: to start afresh, pass another --out (this "
+                "run's files stay as they are), or move the checkpoints away."
             )
         return None, 0
 
@@ -491,11 +503,17 @@ class Checkpointer:
         chosen = None if resume == "never" else resolve_checkpoint(resume, warn=self.warn)
         first_step = chosen.step if chosen else 0
         later = [p for p in list_checkpoint_dirs(self.run_dir) if checkpoint_step(p) > first_step]
+        if later and all(started_with(p, resume) for p in later):
+            # the checkpoints this same command wrote before it was stopped: running it again
+            # continues from them, as --resume auto would (its flags are compared as for any resume)
+            self.warn(f"{self.run_dir} holds this command's own later checkpoints (--resume {resume}): continuing")
+            return self._candidates("auto")
         if later:
             raise CheckpointConflict(
                 f"{self.run_dir / 'checkpoints'} holds checkpoints of steps after {first_step} "
-                f"({', '.join(p.name for p in reversed(later))}), left by another run; this run would mix "
-                f"with them. HINT: pass another --out, or move those checkpoints out of the way."
+                f"({', '.join(p.name for p in reversed(later))}), left by a run started otherwise; this run would "
+                "mix with them. HINT: --resume auto continues from the newest of them; to start a new run, pass "
+                "another --out, or move those checkpoints out of the way."
             )
         return [chosen] if chosen else []
 

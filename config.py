@@ -193,7 +193,9 @@ def _range_error(f: dataclasses.Field, value) -> str | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=USAGE, formatter_class=HelpFormatter)
+    # allow_abbrev off: launch/ scripts set --out and --resume themselves and refuse those flags
+    # from the user, which they could not see under a prefix such as --ou or --res
+    parser = argparse.ArgumentParser(description=USAGE, formatter_class=HelpFormatter, allow_abbrev=False)
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         kw = {k: v for k, v in f.metadata.items() if k != "range"}
@@ -248,7 +250,7 @@ def config_changes(saved: dict, cfg: TrainConfig, resumed_step: int) -> tuple[li
     line each. Raises ConfigError for changes to what is trained unless --allow-changes is set."""
     new = dataclasses.asdict(cfg)
     data_dir = {c["data"] or f"data/{DEFAULT_CORPUS}" for c in (saved, new) if "data" in c}
-    if len({os.path.normpath(d) for d in data_dir}) == 1:  # the default corpus, named or not
+    if len({os.path.realpath(d) for d in data_dir}) == 1:  # one folder, however named (the default corpus too)
         saved = {**saved, "data": new["data"]}
     changed = [k for k in new if k in saved and saved[k] != new[k] and k not in INVOCATION_FLAGS]
     describe = [f"--{k.replace('_', '-')}: {saved[k]!r} -> {new[k]!r}" for k in changed]
@@ -258,7 +260,7 @@ def config_changes(saved: dict, cfg: TrainConfig, resumed_step: int) -> tuple[li
         if cfg.max_steps < resumed_step:
             raise ConfigError(
                 f"--max-steps {cfg.max_steps}: this run already took {resumed_step} steps.\n"
-                "HINT: pass a larger --max-steps, or start afresh with --resume never and another --out."
+                "HINT: pass a larger --max-steps, or start afresh with another --out."
             )
         old_lr = learning_rate(resumed_step, TrainConfig(**{**new, "max_steps": saved["max_steps"]}))
         other.append(
@@ -270,7 +272,6 @@ def config_changes(saved: dict, cfg: TrainConfig, resumed_step: int) -> tuple[li
             f"these flags differ from the run being resumed (step {resumed_step}), and change what is trained:\n  "
             + "\n  ".join(training)
             + "\nHINT: pass the run's own values to continue it; or --out DIR to train a new run elsewhere; or "
-            "--resume never to start this one over (its checkpoints are replaced as it goes); or "
             "--allow-changes to continue with the new values (recorded in metrics.jsonl)."
         )
     return training, other

@@ -453,6 +453,15 @@ def settings_for_resume(
             "or --allow-changes to go on with the new batch"
         )
     saved = meta.get("config", {})
+    saved_chunk = (saved.get("batch_size", cfg.batch_size), saved.get("seq_len", cfg.seq_len))
+    if saved_chunk != (cfg.batch_size, cfg.seq_len):
+        # the loader keeps its place in the data in chunks of batch size x sequence length
+        raise ConfigError(
+            f"the run being resumed reads its data {saved_chunk[0]} sequences of {saved_chunk[1]} tokens at a time, "
+            "and its place in the data is kept in those chunks: --batch-size and --seq-len cannot change when "
+            f"it resumes.\nHINT: pass --batch-size {saved_chunk[0]} --seq-len {saved_chunk[1]} (for less memory, "
+            "add --activation-checkpointing N instead, which may change); or start a new run with another --out"
+        )
     cfg = keep_run_length(saved, cfg, typed)
     return cfg, config_changes(saved, cfg, candidates[0].step)
 
@@ -582,9 +591,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 OOM_HINT = (
-    "HINT: lower --batch-size: --total-batch-size stays, and gradient accumulation makes up the difference "
-    "(to resume a run with it, add --allow-changes); or recompute N of the blocks' activations in backward "
-    "(--activation-checkpointing N); or train a smaller --model. Rerunning resumes from the newest checkpoint."
+    "HINT: recompute N of the blocks' activations in backward (--activation-checkpointing N; a run may "
+    "resume with it); or, for a new run, lower --batch-size (--total-batch-size stays, and gradient "
+    "accumulation makes up the difference) or train a smaller --model. Rerunning resumes from the newest "
+    "checkpoint."
 )
 
 

@@ -36,8 +36,23 @@ def test_rerun_with_another_learning_rate_is_refused_and_changes_nothing(tiny_da
     before = {p: p.read_bytes() for p in (finished_run / "config.json", finished_run / "metrics.jsonl")}
     assert train.main(flags(tiny_data, finished_run, extra="--lr 1e-2")) == train.EXIT_CONFIG
     err = capsys.readouterr().err
-    assert "--lr: 0.003 -> 0.01" in err and "--allow-changes" in err and "--resume never" in err
+    assert "--lr: 0.003 -> 0.01" in err and "--allow-changes" in err and "--out DIR" in err
+    assert "--resume never" not in err  # (refused itself on a folder holding this run's checkpoints)
     assert {p: p.read_bytes() for p in before} == before
+
+
+def test_the_same_data_folder_named_another_way_is_no_change(tiny_data, finished_run, capsys):
+    for spelling in (f"{tiny_data}/", os.path.relpath(tiny_data)):
+        assert train.main(flags(spelling, finished_run)) == train.EXIT_OK
+        assert "--data" not in capsys.readouterr().out
+
+
+def test_abbreviated_flags_are_refused(tiny_data, tmp_path, capsys):
+    """launch/ scripts set --out and --resume and refuse them from the user: --ou would slip past."""
+    with pytest.raises(SystemExit) as exit:
+        train.main([*TINY, "--data", str(tiny_data), "--ou", str(tmp_path / "run")])
+    assert exit.value.code == 2 and "unrecognized arguments: --ou" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def test_allow_changes_continues_and_records_the_change(tiny_data, tmp_path, capsys):
@@ -121,7 +136,8 @@ def test_no_usable_checkpoint_stops_instead_of_starting_over(tiny_data, finished
         (ckpt / "meta.json").write_text("{")
     metrics_before = (finished_run / "metrics.jsonl").read_bytes()
     assert train.main(flags(tiny_data, finished_run)) == train.EXIT_ERROR
-    assert "no checkpoint in" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no checkpoint in" in err and "pass another --out" in err and "--resume never" not in err
     assert (finished_run / "metrics.jsonl").read_bytes() == metrics_before
 
 
@@ -145,7 +161,7 @@ def test_out_of_memory_says_how_to_fit_and_keeps_the_checkpoints(tiny_data, fini
     monkeypatch.setattr(train.GPT, "forward", no_memory)
     assert train.main(flags(tiny_data, finished_run, steps=9)) == train.EXIT_ERROR
     err = capsys.readouterr().err
-    assert err.startswith(f"error: out of memory: {str(error).splitlines()[0]}\nHINT: lower --batch-size")
+    assert err.startswith(f"error: out of memory: {str(error).splitlines()[0]}\nHINT: recompute N of the blocks")
     assert sorted(p.name for p in (finished_run / "checkpoints").iterdir()) == checkpoints
 
 

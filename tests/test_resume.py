@@ -400,7 +400,8 @@ def test_a_fresh_or_earlier_start_refuses_a_directory_holding_later_checkpoints(
     metrics_before = (run / "metrics.jsonl").read_bytes()
     assert train.main(flags(tiny_data, run, steps=10, every=5, extra=["--resume", resume])) == train.EXIT_CONFIG
     err = capsys.readouterr().err
-    assert "step_00000010" in err and "left by another run" in err and "another --out" in err
+    assert "step_00000010" in err and "left by a run started otherwise" in err and "another --out" in err
+    assert "--resume auto continues from the newest of them" in err
     assert {p.name: p.stat().st_mtime_ns for p in (run / "checkpoints").iterdir()} == before
     assert (run / "metrics.jsonl").read_bytes() == metrics_before
 
@@ -416,6 +417,45 @@ class SignalledAfterStartUp(train.StopSignal):
     @received.setter
     def received(self, value):
         pass
+
+
+@pytest.mark.parametrize("start", ["never", "checkpoint"])
+def test_the_same_explicit_resume_command_again_continues_where_it_was_stopped(
+    tiny_data, tmp_path, monkeypatch, capsys, start
+):
+    """A run started with --resume never or --resume PATH and stopped (exit 75: "run the same
+    command again") continues from its own checkpoint when the same command runs again, and ends
+    as a run never stopped; another --resume into its folder is still refused."""
+    base = tmp_path / "base"
+    assert train.main(flags(tiny_data, base, steps=4, every=2)) == 0
+    resume = "never" if start == "never" else str(base / "checkpoints" / "step_00000002")
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    assert train.main(flags(tiny_data, whole, steps=8, every=0, extra=["--resume", resume])) == 0
+    with monkeypatch.context() as patch:
+        patch.setattr(train, "StopSignal", SignalledAfterStartUp)
+        assert train.main(flags(tiny_data, stopped, steps=8, every=0, extra=["--resume", resume])) == 75
+    capsys.readouterr()
+    assert train.main(flags(tiny_data, stopped, steps=8, every=0, extra=["--resume", resume])) == train.EXIT_OK
+    assert "this command's own later checkpoints" in capsys.readouterr().out
+    assert train_losses(stopped) == train_losses(whole)
+    other = "never" if start != "never" else str(base / "checkpoints" / "step_00000002")
+    assert train.main(flags(tiny_data, stopped, steps=8, every=0, extra=["--resume", other])) == train.EXIT_CONFIG
+    assert "left by a run started otherwise" in capsys.readouterr().err
+
+
+def test_a_resumed_run_keeps_its_micro_batch_even_with_allow_changes(tiny_data, tmp_path, capsys):
+    """The loader's place in the data is kept in chunks of batch size x sequence length, so a
+    smaller micro-batch under the same total is refused with the way out, before any file changes."""
+    run = tmp_path / "run"
+    total = ["--total-batch-size", "256"]  # 2 micro-batches of 4 x 32 tokens, or 4 of 2 x 32
+    assert train.main(flags(tiny_data, run, steps=2, every=2, extra=total)) == 0
+    metrics_before = (run / "metrics.jsonl").read_bytes()
+    smaller = [*total, "--batch-size", "2", "--allow-changes"]
+    assert train.main(flags(tiny_data, run, steps=4, every=2, extra=smaller)) == train.EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert "--batch-size and --seq-len cannot change" in err and "HINT: pass --batch-size 4 --seq-len 32" in err
+    assert (run / "metrics.jsonl").read_bytes() == metrics_before
+    assert train.main(flags(tiny_data, run, steps=4, every=2, extra=[*total, "--activation-checkpointing", "1"])) == 0
 
 
 def test_stop_signal_on_the_last_step_finishes_the_run(tiny_data, tmp_path, monkeypatch):
