@@ -202,10 +202,17 @@ def open_split(data_dir: str | Path, split: str) -> tuple[list[tuple[str, np.nda
     meta = read_meta(data_dir)
     if meta is not None:
         return _open_own_split(data_dir, split, meta), meta
-    if (data_dir / MARKER_NAME).exists() or any(data_dir.glob(f"{split}_*.npy*")):  # (.npy or .npy.tmp)
+    if (data_dir / MARKER_NAME).exists():
         raise DataError(
             f"{data_dir}: the preparation of this directory did not finish (no {META_NAME}).\n"
             "HINT: run the same prepare_data.py command again; it continues after the last shard written."
+        )
+    if any(data_dir.glob(f"{split}_*.npy*")):  # (.npy or .npy.tmp)
+        # No marker: meta.json was removed after the run, so prepare_data.py cannot tell these
+        # shards from someone else's and replaces them only with --overwrite.
+        raise DataError(
+            f"{data_dir}: holds {split} shards but no {META_NAME}, which prepare_data.py writes last "
+            f"(removed, or not written).\n{_hint(None, data_dir)}"
         )
     paths = _foreign_shards(data_dir, split)
     if not paths:

@@ -52,7 +52,8 @@ Choices worth knowing:
   kill -9, a dropped stream, a full disk) keeps those shards and continues from that
   position, and ends byte-identical to an uninterrupted run. Running it on a finished
   directory does nothing. A finished directory made from other input is only replaced with
-  `--overwrite` (an unfinished one is replaced anyway).
+  `--overwrite` (an unfinished one is replaced anyway); an unfinished one of the same input
+  and settings is continued, with `--overwrite` too.
 """
 
 from __future__ import annotations
@@ -151,6 +152,10 @@ class FlagError(DataPrepError):
 
 class InputError(DataPrepError):
     """Inputs that give nothing to read: a missing path, or no text at all (exit status 2)."""
+
+
+class OutputError(DataPrepError):
+    """An --out that cannot be written: a file, read-only, or under a file (exit status 2)."""
 
 
 @dataclass(frozen=True)
@@ -643,6 +648,7 @@ def expand_inputs(specs: list[str]) -> list[Path]:
                     f"{path}: a {path.suffix} file is not text or JSONL, which is what this reads.\nHINT: {hint}."
                 )
         files.extend(found)
+    files = _each_once(files)
     empty = {}
     for path in files:  # refused before anything is written
         try:
@@ -656,6 +662,20 @@ def expand_inputs(specs: list[str]) -> list[Path]:
     if files and len(empty) == len(files):
         raise InputError(_no_text_message(empty))
     return files
+
+
+def _each_once(files: list[Path]) -> list[Path]:
+    """The files in order, each once (by resolved path): overlapping inputs (`a.txt a.txt`,
+    `books/ books/*.txt`) would otherwise tokenize the same text twice."""
+    seen: set[Path] = set()
+    unique, repeated = [], []
+    for path in files:
+        real = path.resolve()
+        (repeated if real in seen else unique).append(path)
+        seen.add(real)
+    if repeated:
+        _say(f"note: {len(repeated)} input file(s) named more than once, the first {repeated[0]}; each is read once")
+    return unique
 
 
 def _no_text(path: Path) -> str | None:
@@ -1115,9 +1135,12 @@ def _exclusive(out: Path) -> Iterator[None]:
     would have anything to continue from, removes what it wrote there, and the directory itself
     and those above it if it made them."""
     if out.exists() and not out.is_dir():
-        raise DataPrepError(f"{out}: exists and is not a directory.\nHINT: choose another --out.")
+        raise OutputError(f"{out}: exists and is not a directory.\nHINT: choose another --out.")
     existed = out.is_dir()
-    fd, made = _lock(out)
+    try:
+        fd, made = _lock(out)
+    except OSError as e:
+        raise OutputError(_unwritable_message(out, e)) from None
     try:
         fresh = not any(out.iterdir())
         try:
@@ -1149,13 +1172,36 @@ def _lock(out: Path) -> tuple[int | None, list[Path]]:
             fd = os.open(out, os.O_RDONLY)
         except FileNotFoundError:  # removed since, by a run that failed: make it again
             continue
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        _wait_for_lock(fd, out, fcntl)
         try:
             if os.path.samestat(os.fstat(fd), os.stat(out)):
                 return fd, deepest_first
         except FileNotFoundError:
             pass
         os.close(fd)  # the run that held it failed and removed the directory: lock the one there now
+
+
+def _wait_for_lock(fd: int, out: Path, fcntl: Any) -> None:
+    """Lock `fd`, saying so on stderr first if another run holds it: a wait with no output
+    would look like a hang."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        _say_waiting(out)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+
+
+def _say_waiting(out: Path) -> None:
+    print(f"waiting for another preparation into {out} to finish ...", file=sys.stderr, flush=True)
+
+
+def _unwritable_message(out: Path, e: OSError) -> str:
+    where = f": {e.filename}" if e.filename and Path(e.filename) != out else ""
+    return (
+        f"cannot write to --out {out} ({e.strerror or e}{where}).\n"
+        "HINT: choose an --out in a folder you can write to (every part of its path a directory), "
+        "or fix that folder's permissions."
+    )
 
 
 def _remove_unfinished(out: Path, made: list[Path]) -> None:
@@ -1186,34 +1232,49 @@ def _usable_progress(out: Path, progress: dict | None) -> dict | None:
     except (OSError, ValueError, KeyError, TypeError):
         intact = False
     if not intact:
-        print(f"note: {out}: the files of the interrupted preparation are not as it left them; starting over")
+        _say(f"note: {out}: the files of the interrupted preparation are not as it left them; starting over")
     return progress if intact else None
 
 
 def _claim_output_dir(out: Path, request: dict, overwrite: bool) -> tuple[bool, dict | None]:
     """(True, None) when `out` already holds exactly this request's output. Else `out` is made
     ready for writing and (False, progress): `progress` describes what an interrupted run of the
-    same request left on disk, kept to continue from (None: start from the beginning)."""
+    same request left on disk, kept to continue from (None: start from the beginning).
+
+    An unfinished preparation of the same request is this command's own work, so it is
+    continued even with --overwrite, which replaces only what this command did not leave
+    half-done: a finished directory, or one of other input or settings."""
     meta = _read_json(out / META_NAME)
     marker = _read_json(out / MARKER_NAME)
-    if meta is not None and {k: meta.get(k) for k in request} == request and not overwrite:
+    if meta is not None and _same_request(meta, request) and not overwrite:
         return True, None
+    if meta is not None and not overwrite:
+        raise DataPrepError(
+            f"{out} already holds data prepared from other input or settings ({_difference(meta, request)}; "
+            f"made by: {meta.get('command', '?')}).\nHINT: pass --overwrite to replace it, or choose another --out."
+        )
+    if marker is None and meta is None and not overwrite and any(p.name.endswith(".npy") for p in _our_files(out)):
+        raise DataPrepError(
+            f"{out} holds shards without {META_NAME}; they were not made by this command.\n"
+            "HINT: pass --overwrite to replace them, or choose another --out."
+        )
     progress = None
-    if not overwrite:
-        if meta is not None:
-            raise DataPrepError(
-                f"{out} already holds data prepared from other input or settings "
-                f"(made by: {meta.get('command', '?')}).\nHINT: pass --overwrite to replace it, or choose another --out."
-            )
-        if marker is not None and marker.get("request") != request:
-            print(f"note: {out} holds an unfinished preparation of other input or settings; replacing it")
-        elif marker is not None:
+    if meta is None and marker is not None:
+        if marker.get("request") == request:
             progress = _usable_progress(out, marker.get("progress"))
-        if marker is None and any(p.name.endswith(".npy") for p in _our_files(out)):
-            raise DataPrepError(
-                f"{out} holds shards without {META_NAME}; they were not made by this command.\n"
-                "HINT: pass --overwrite to replace them, or choose another --out."
-            )
+        else:
+            difference = _difference(marker.get("request"), request)
+            _say(f"note: {out} holds an unfinished preparation of other input or settings ({difference}); replacing it")
+    try:
+        _clear_for(out, request, progress)
+    except OSError as e:
+        raise OutputError(_unwritable_message(out, e)) from None
+    return False, progress
+
+
+def _clear_for(out: Path, request: dict, progress: dict | None) -> None:
+    """Remove this project's files from `out` but those `progress` continues from, and mark it
+    as being prepared for `request`."""
     # meta.json goes first, so that nothing here looks complete while old shards are replaced.
     (out / META_NAME).unlink(missing_ok=True)
     if progress is None:
@@ -1224,7 +1285,65 @@ def _claim_output_dir(out: Path, request: dict, overwrite: bool) -> tuple[bool, 
     for path in _our_files(out):
         if path.name not in keep:
             path.unlink()
-    return False, progress
+
+
+def _same_request(meta: dict, request: dict) -> bool:
+    return {k: meta.get(k) for k in request} == request
+
+
+# The flags behind the request's fields, to name a difference as the user typed it.
+_FLAG_NAMES = {
+    "text_field": "--text-field",
+    "hf_dataset": "--hf-dataset",
+    "config": "--hf-config",
+    "split": "--hf-split",
+}
+
+
+def _difference(earlier: Any, request: dict) -> str:
+    """What sets `request` apart from an earlier one, in a few words: each setting that differs
+    with both values, or how the input files differ. A typo in a flag shows up here."""
+    if not isinstance(earlier, dict):
+        return "its settings are unreadable"
+    settings, source = earlier.get("settings") or {}, earlier.get("source") or {}
+    found = [
+        f"{_setting_text(key, settings.get(key))} there, {_setting_text(key, value)} here"
+        for key, value in request["settings"].items()
+        if settings.get(key) != value
+    ]
+    if "files" in source and "files" in request["source"]:
+        found += _files_difference(source["files"], request["source"]["files"])
+    found += [
+        f"{_FLAG_NAMES.get(key, key)} {source.get(key)} there, {value} here"
+        for key, value in request["source"].items()
+        if key != "files" and source.get(key) != value
+    ]
+    if earlier.get("format_version") != request["format_version"]:
+        found.append(f"format version {earlier.get('format_version')} there, {request['format_version']} here")
+    return "; ".join(found[:3]) or "other input"
+
+
+def _setting_text(key: str, value: Any) -> str:
+    if key == "val" and isinstance(value, dict) and len(value) == 1:
+        [(kind, amount)] = value.items()
+        return f"--val-{kind} {amount}"
+    return f"--{key.replace('_', '-')} {value}"
+
+
+def _files_difference(earlier: list[dict], files: list[dict]) -> list[str]:
+    """How two lists of input files ({"path", "bytes", "mtime_ns"}) differ, in at most three phrases."""
+    before, now = [x.get("path") for x in earlier], [x["path"] for x in files]
+    if before != now:
+        gone, added = [p for p in before if p not in now], [p for p in now if p not in before]
+        found = [f"{len(before)} input file(s) there, {len(now)} here"]
+        found += [
+            f"{what}: {paths[0]}" + (f" and {len(paths) - 1} more" if len(paths) > 1 else "")
+            for what, paths in (("only there", gone), ("only here", added))
+            if paths
+        ]
+        return found if gone or added else ["input files in another order"]
+    changed = [x["path"] for x, y in zip(earlier, files) if x != y]
+    return [f"{changed[0]} changed since (size or modification time)"] if changed else []
 
 
 # ---- settings ----
@@ -1286,7 +1405,11 @@ class PrepareConfig:
         None, "take this fraction of all tokens, from the front, as validation", type=float, metavar="F"
     )
     workers: int = _flag(0, "tokenizer processes (default: all cores)", type=int, metavar="N")
-    overwrite: bool = _flag(False, "replace an output directory made from other input")
+    overwrite: bool = _flag(
+        False,
+        "replace a finished output directory, or one made from other input (an unfinished preparation "
+        "of the same input and settings is continued)",
+    )
     strict_utf8: bool = _flag(False, "stop at the first byte that is not UTF-8 instead of replacing it")
     command: str = ""  # the command line, recorded in meta.json (not a flag)
 
@@ -1387,13 +1510,13 @@ def prepare(cfg: PrepareConfig, named: str | None = None) -> Path:
     with _exclusive(out):
         done, progress = _claim_output_dir(out, request, cfg.overwrite)
         if done:
-            print(f"{out} is already prepared from this input; nothing to do (--overwrite redoes it).")
-            print(_where_lines(out))
+            _say(f"{out} is already prepared from this input; nothing to do (--overwrite redoes it).")
+            _say(_where_lines(out))
             return out
         if named:
             files = [fetch_named_corpus(named, out)]
         meta = _run(cfg, out, request, files, progress)
-    print(_summary(meta, out, time.perf_counter() - start))
+    _say(_summary(meta, out, time.perf_counter() - start))
     return out
 
 
@@ -1404,7 +1527,7 @@ def _run(cfg: PrepareConfig, out: Path, request: dict, files: list[Path], progre
     first = [0, 0, 1] if files else {"examples": 0, "state": None}
     resume = progress["resume"] if progress else {"position": first, "tokens": 0, "stats": {}}
     if progress:
-        print(f"continuing the interrupted preparation in {out}: {progress['tokens']:,} tokens are on disk already")
+        _say(f"continuing the interrupted preparation in {out}: {progress['tokens']:,} tokens are on disk already")
     marker = _Marker(out, request, resume)
     val = request["settings"]["val"]
     if "tokens" in val:
@@ -1543,6 +1666,24 @@ def _write_failed_message(out: Path, e: OSError) -> str:
     )
 
 
+def _say(text: str) -> None:
+    """Print the report on stdout. The shards are what this command makes, the report only
+    describes them: when its reader goes away (`| head -1`), the report stops quietly, as a Unix
+    tool's output does, and the preparation goes on to finish."""
+    try:
+        print(text)
+    except BrokenPipeError:
+        _stop_reporting()
+
+
+def _stop_reporting() -> None:
+    """Send stdout, and what is still buffered for it, nowhere from now on, so that no later
+    print or the flush at exit fails again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
 def _where_lines(out: Path) -> str:
     return f"shards: {out}{os.sep}\ntrain on them: python train.py --data {shlex.quote(str(out))}"
 
@@ -1632,13 +1773,29 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = PrepareConfig(**flags, command=shlex.join(["python", "prepare_data.py", *argv]))
         prepare(cfg, named=named)
-    except (FlagError, InputError) as e:
+    except (FlagError, InputError, OutputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG
     except (DataPrepError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_ERROR
+    except BrokenPipeError:  # a line printed by other code than _say (a download's): it stopped the run
+        _stop_reporting()
+        print("interrupted: stdout was closed; run the same command again to continue", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        _flush_report()
+    # 0 even when the report lost its reader: the shards and meta.json are complete, and they,
+    # not the lines on stdout, are what this command is run for.
     return 0
+
+
+def _flush_report() -> None:
+    """Flush stdout now, while a reader gone away can still be handled, not at exit."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _stop_reporting()
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import torch
 
 from conftest import requires_gpu
 from dataloader import DataError, ShardedDataLoader, main
-from prepare_data import ShardWriter, finish_dataset
+from prepare_data import MARKER_NAME, ShardWriter, finish_dataset
 
 B, T = 2, 8
 CHUNK = B * T
@@ -342,9 +342,16 @@ def test_ids_beyond_the_vocabulary(data):
         ShardedDataLoader(data, "train", B, T)
 
 
-def test_unfinished_preparation_is_refused(data):
+def test_unfinished_preparation_is_refused_with_the_command_that_finishes_it(data):
+    (data / MARKER_NAME).write_text("{}")  # what prepare_data.py leaves until meta.json is written
     (data / "meta.json").unlink()
     with pytest.raises(DataError, match="(?s)did not finish.*HINT: run the same prepare_data.py command again"):
+        ShardedDataLoader(data, "train", B, T)
+
+
+def test_shards_whose_meta_json_was_removed_are_to_be_prepared_again_with_overwrite(data):
+    (data / "meta.json").unlink()  # no marker either: prepare_data.py cannot tell them from others' shards
+    with pytest.raises(DataError, match=f"(?s)no meta.json.*HINT: .*--out {data} --overwrite"):
         ShardedDataLoader(data, "train", B, T)
 
 

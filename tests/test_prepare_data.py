@@ -1,7 +1,9 @@
 """prepare_data.py: exact tokens, order, crash safety and a clear message for each kind of bad input."""
 
+import errno
 import gzip
 import json
+import os
 import random
 from pathlib import Path
 
@@ -445,32 +447,153 @@ def test_a_failed_run_keeps_a_directory_that_was_there_before_it(capsys):
     assert list(Path("empty").iterdir()) == []  # the user's folder, left as it was found
 
 
+def run_interrupted(monkeypatch, *argv: str, after_tasks: int = 100) -> None:
+    """Run with Ctrl-C in the main process after `after_tasks` tasks (some shards written, tasks in flight)."""
+    calls = {"n": 0}
+    add = prepare_data._Assembler.add
+
+    def crash_after_a_while(self, task, result):
+        calls["n"] += 1
+        if calls["n"] == after_tasks:
+            raise KeyboardInterrupt
+        return add(self, task, result)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(prepare_data._Assembler, "add", crash_after_a_while)
+        with pytest.raises(KeyboardInterrupt):
+            main(list(argv))
+    assert list(Path("data/t").glob("train_*.npy")) and not Path("data/t/meta.json").exists()
+
+
 def test_interrupted_run_looks_unfinished_and_the_same_command_finishes_it(monkeypatch):
     monkeypatch.setattr(prepare_data, "TASK_BYTES", 200)
     write("t.txt", "many words here " * 2000)
     args = ["t.txt", "--shard-tokens", "1000", "--val-tokens", "500", "--workers", "2"]
     run_ok(*args, "--out", "clean")
-
-    calls = {"n": 0}
-    add = prepare_data._Assembler.add
-
-    def crash_after_a_while(self, task, result):  # Ctrl-C in the main process, tasks in flight
-        calls["n"] += 1
-        if calls["n"] == 100:
-            raise KeyboardInterrupt
-        return add(self, task, result)
-
-    monkeypatch.setattr(prepare_data._Assembler, "add", crash_after_a_while)
-    with pytest.raises(KeyboardInterrupt):
-        main(args)
-    assert list(Path("data/t").glob("train_*.npy")) and not Path("data/t/meta.json").exists()
+    run_interrupted(monkeypatch, *args)
     with pytest.raises(DataError, match="did not finish"):
         ShardedDataLoader("data/t", "train", 2, 8)
 
-    monkeypatch.setattr(prepare_data._Assembler, "add", add)
     run_ok(*args)
     clean, resumed = (json.loads(Path(d, "meta.json").read_text()) for d in ("clean", "data/t"))
     assert clean["splits"] == resumed["splits"] and not list(Path("data/t").glob("*.tmp"))
+
+
+def test_overwrite_continues_its_own_unfinished_run_and_replaces_a_finished_one(monkeypatch, capsys):
+    monkeypatch.setattr(prepare_data, "TASK_BYTES", 200)
+    write("t.txt", "many words here " * 2000)
+    args = "t.txt --shard-tokens 1000 --val-tokens 500 --workers 1 --overwrite".split()
+    run_ok(*args, "--out", "clean")
+    run_interrupted(monkeypatch, *args)
+    capsys.readouterr()
+    run_ok(*args)  # the same command, --overwrite and all
+    assert "continuing the interrupted preparation" in capsys.readouterr().out
+    assert_same_output(Path("clean"), Path("data/t"))
+    run_ok(*args)  # finished now: --overwrite redoes it
+    out = capsys.readouterr().out
+    assert "continuing" not in out and "already prepared" not in out
+    assert_same_output(Path("clean"), Path("data/t"))
+
+
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]], ids=["plain", "overwrite"])
+def test_replacing_an_unfinished_run_of_other_settings_names_what_differs(monkeypatch, capsys, overwrite):
+    monkeypatch.setattr(prepare_data, "TASK_BYTES", 200)
+    write("t.txt", "many words here " * 2000)
+    run_interrupted(monkeypatch, *"t.txt --shard-tokens 1000 --val-tokens 500 --workers 1".split())
+    capsys.readouterr()
+    run_ok(*"t.txt --shard-tokens 1500 --val-tokens 500 --workers 1".split(), *overwrite)
+    out = capsys.readouterr().out
+    assert (
+        "unfinished preparation of other input or settings (--shard-tokens 1000 there, --shard-tokens 1500 here)" in out
+    )
+    assert "continuing" not in out
+
+
+def test_a_finished_directory_of_other_input_is_refused_naming_what_differs(capsys):
+    write("t.txt", "some text here")
+    write("u.txt", "other text")
+    run_ok("t.txt", "--out", "o")
+    err = run_error(capsys, "u.txt", "--out", "o")
+    assert "1 input file(s) there, 1 here; only there: " in err and "t.txt; only here: " in err
+
+
+@pytest.mark.parametrize("out", ["afile/sub", "ro", "new/ro"], ids=["under-a-file", "read-only", "read-only-new"])
+def test_an_out_that_cannot_be_written_is_a_one_line_error_and_nothing_is_made(capsys, monkeypatch, out):
+    write("t.txt", "some text here")
+    write("afile", "a file, not a folder")
+    Path("ro").mkdir()
+
+    def read_only(path, text):  # what a read-only file system answers (chmod does not stop root)
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+    if "ro" in out:
+        monkeypatch.setattr(prepare_data, "write_text_atomic", read_only)
+    err = run_error(capsys, "t.txt", "--out", out, status=2)
+    assert err.startswith(f"error: cannot write to --out {out} (") and "\nHINT: " in err
+    assert sorted(p.name for p in Path().iterdir()) == ["afile", "ro", "t.txt"] and not list(Path("ro").iterdir())
+
+
+@pytest.mark.parametrize("buffered", [True, False], ids=["buffered", "unbuffered"])
+def test_a_reader_that_goes_away_leaves_complete_data_and_no_traceback(gpt2, tmp_path, buffered):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    text = "some text here, for a reader that does not read it"
+    write("t.txt", text)
+    read, stdout = os.pipe()
+    os.close(read)  # like `| head -0` that has already exited: every write to stdout fails
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "" if buffered else "1"}
+    command = [sys.executable, str(ROOT / "prepare_data.py"), "t.txt", "--workers", "1"]
+    run = subprocess.run(command, cwd=tmp_path, env=env, stdout=stdout, stderr=subprocess.PIPE, text=True)
+    os.close(stdout)
+    assert (run.returncode, run.stderr) == (0, "")
+    assert np.array_equal(tokens(Path("data/t")), expected(gpt2, [text]))
+
+
+def test_a_run_that_waits_for_the_lock_says_so_once(capsys, monkeypatch):
+    import fcntl
+
+    write("t.txt", "some text here")
+    run_ok("t.txt", "--out", "free")
+    assert "waiting" not in capsys.readouterr().err  # no line when nothing is in the way
+    Path("data/t").mkdir(parents=True)
+    held = os.open("data/t", os.O_RDONLY)
+    fcntl.flock(held, fcntl.LOCK_EX)  # another preparation into the same folder
+    say_waiting = prepare_data._say_waiting
+
+    def then_the_other_run_ends(out):
+        say_waiting(out)
+        os.close(held)
+
+    monkeypatch.setattr(prepare_data, "_say_waiting", then_the_other_run_ends)
+    run_ok("t.txt")
+    assert capsys.readouterr().err.count("waiting for another preparation into data/t to finish") == 1
+
+
+def test_a_file_named_twice_is_tokenized_once(gpt2, capsys):
+    write("books/a.txt", "first book")
+    write("books/b.txt", "second book")
+    run_ok("books/a.txt", "books/a.txt", "./books/a.txt", "--out", "twice")
+    assert "2 input file(s) named more than once, the first books/a.txt; each is read once" in capsys.readouterr().out
+    assert np.array_equal(tokens(Path("twice")), expected(gpt2, ["first book"]))
+    run_ok("books", "books/*.txt", "--out", "overlap")
+    assert "2 input file(s) named more than once" in capsys.readouterr().out
+    assert np.array_equal(tokens(Path("overlap")), expected(gpt2, ["first book", "second book"]))
+
+
+def test_the_loaders_hint_for_shards_without_meta_json_is_what_prepare_data_accepts(capsys):
+    write("t.txt", "some text here")
+    run_ok("t.txt")
+    Path("data/t/meta.json").unlink()
+    with pytest.raises(DataError) as refused:
+        ShardedDataLoader("data/t", "train", 2, 8)
+    hint = str(refused.value).split("HINT: ")[1]
+    assert "--out data/t --overwrite" in hint
+    assert "HINT: pass --overwrite" in run_error(capsys, "t.txt")  # without it, refused as the hint says
+    run_ok("t.txt", "--out", "data/t", "--overwrite")
+    assert ShardedDataLoader("data/t", "train", 2, 8).num_tokens > 0
 
 
 # ---- the named default corpus ----
