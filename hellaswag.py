@@ -44,6 +44,7 @@ from runtime import (
     ConfigError,
     HelpFormatter,
     out_of_memory,
+    run_command,
     setup_distributed,
     teardown_distributed,
 )
@@ -551,6 +552,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"{where}error: {e}", file=sys.stderr)
         return EXIT_CONFIG
+    except BrokenPipeError:
+        raise  # not an error of ours: the reader of stdout has gone (run_command ends quietly)
     except (HellaSwagError, CheckpointError, TokenizerError, OSError) as e:
         print(f"{where}error: {e}", file=sys.stderr)
         return EXIT_ERROR
@@ -565,4 +568,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

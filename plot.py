@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from runtime import EXIT_CONFIG, EXIT_ERROR, EXIT_OK, ConfigError
+from runtime import EXIT_CONFIG, EXIT_ERROR, EXIT_OK, ConfigError, run_command
 
 RUNS = Path("runs")  # where train.py puts a run unless --out says otherwise
 OUTPUT_NAME = "losses.png"
@@ -122,4 +122,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

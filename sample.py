@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from runtime import EXIT_CONFIG, EXIT_ERROR, EXIT_OK, ConfigError, HelpFormatter, resolve_device
+from runtime import EXIT_CONFIG, EXIT_ERROR, EXIT_OK, ConfigError, HelpFormatter, resolve_device, run_command
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -99,4 +99,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

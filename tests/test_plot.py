@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 import plot
+from runs import run_with_stdout_closed
+from runtime import EXIT_BROKEN_PIPE
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -110,3 +112,11 @@ def test_a_run_with_no_loss_yet_is_an_error_not_an_empty_picture(tmp_path, capsy
     assert plot.main([str(run)]) == 2
     assert capsys.readouterr().err.startswith(f"error: nothing to plot: {run} recorded no loss yet. HINT: ")
     assert not (run / "losses.png").exists()
+
+
+def test_a_closed_stdout_stops_quietly_with_the_sigpipe_exit_code(tmp_path):
+    pytest.importorskip("matplotlib")
+    run = write_run(tmp_path / "run", range(5))
+    done = run_with_stdout_closed(["plot.py", str(run)])
+    assert done.returncode == EXIT_BROKEN_PIPE and done.stderr == ""
+    assert (run / "losses.png").read_bytes()[:8] == PNG_MAGIC
