@@ -106,6 +106,16 @@ def test_a_sample_with_newlines_is_printed_as_text_not_as_a_repr(hf_gpt2_dir, ca
     assert "First line\nsecond line" in out and "\\n" not in out and "'First" not in out
 
 
+def test_an_empty_prompt_starts_after_end_of_text_without_printing_it(hf_gpt2_dir, capsys):
+    texts = run_sample(capsys, "--init-from", str(hf_gpt2_dir), "--prompt", "")
+    tok = get_tokenizer("gpt2")
+    idx = torch.tensor([[tok.eot_id]] * 2)
+    gen = torch.Generator().manual_seed(42)
+    out = GPT.from_pretrained(str(hf_gpt2_dir)).eval().generate(idx, 8, temperature=1.0, top_k=50, generator=gen)
+    assert texts == [tok.decode(row[1:]) for row in out.tolist()]
+    assert not any(text.startswith("<|endoftext|>") for text in texts)
+
+
 # ---- a reader that goes away, Ctrl-C: a quiet stop, no traceback ----
 
 
