@@ -394,6 +394,13 @@ def test_a_bad_flag_is_one_error_before_any_work(flags, message, data_file, tmp_
     assert err.startswith("error: ") and message in err and "Traceback" not in err
 
 
+def test_a_hugging_face_folder_given_as_checkpoint_is_pointed_to_model_type(hf_gpt2_dir, data_file, no_loading, capsys):
+    assert hellaswag.main(["--checkpoint", str(hf_gpt2_dir), "--device", "cpu", "--data-file", str(data_file)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --checkpoint {hf_gpt2_dir} is a Hugging Face model folder")
+    assert err.rstrip().endswith(f"HINT: evaluate it with --model_type {hf_gpt2_dir}")
+
+
 def test_json_to_a_closed_stdout_stops_quietly_with_the_sigpipe_exit_code(hf_gpt2_dir, data_file):
     flags = ["--model_type", str(hf_gpt2_dir), "--data-file", str(data_file), *"--device cpu --limit 2 --json".split()]
     done = run_with_stdout_closed(["hellaswag.py", *flags])
