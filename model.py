@@ -1,7 +1,8 @@
 """GPT-2 in one file: config, blocks, init, sampling, and Hugging Face import/export.
 
-This module knows nothing of files' layout on disk beyond the Hugging Face format, nor of
-ranks or schedules: it can be imported into a notebook and used alone.
+This module knows nothing of files' layout on disk beyond the Hugging Face format (and enough
+of a run folder's to refuse one in from_pretrained), nor of ranks or schedules: it can be
+imported into a notebook and used alone.
 """
 
 from __future__ import annotations
@@ -372,6 +373,7 @@ class GPT(nn.Module):
         Hugging Face hub, or a local directory saved with `save_pretrained` / `export_hf`."""
         from transformers import GPT2Config, GPT2LMHeadModel
 
+        _check_not_our_folder(name_or_path)  # which transformers would misread
         hc = GPT2Config.from_pretrained(name_or_path)
         _check_hf_config(hc, name_or_path)  # before loading weights that may be gigabytes
         hf = GPT2LMHeadModel.from_pretrained(name_or_path, config=hc)
@@ -529,6 +531,28 @@ def uncompiled():
     """Runs compiled code eagerly inside it: generation grows the sequence by one token per call,
     and would otherwise recompile the blocks that scope blocks compiled in place."""
     return torch.compiler.set_stance("force_eager")
+
+
+def _check_not_our_folder(name: str) -> None:
+    """Refuse this project's run and checkpoint folders. They are no Hugging Face folders, though
+    they look alike (a config.json, a model.safetensors): transformers reads a run's config.json,
+    the training configuration, as a GPT2Config and fails on its fields, and in a checkpoint
+    folder, which has no config.json, loads the weights into a default-sized GPT-2."""
+    path = Path(name)
+    if (path / "meta.json").is_file() and not (path / "config.json").exists():
+        what = "a checkpoint folder"
+    elif (path / "checkpoints").is_dir() or (path / "metrics.jsonl").is_file():
+        what = "a run folder"
+    else:
+        return
+    if what == "a run folder" and not any((path / "checkpoints").glob("step_*")):
+        hint = "it has saved no checkpoint yet; load it once it has (train.py --checkpoint-every)"
+    else:
+        hint = (
+            f"load it with checkpoint.load_pretrained({name!r}), or --init-from {name} in sample.py and "
+            f"train.py, --checkpoint {name} in hellaswag.py"
+        )
+    raise ValueError(f"{name} is {what} of this trainer, not a Hugging Face model folder. HINT: {hint}")
 
 
 def _check_hf_config(hc, name: str) -> None:
