@@ -7,9 +7,11 @@ imported into a notebook and used alone.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import re
+import sys
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -574,3 +576,40 @@ def _check_hf_config(hc, name: str) -> None:
     ]
     if wrong:
         raise ValueError(f"{name} is not a GPT-2 this model can load: {'; '.join(wrong)}")
+
+
+# ---- command line: there is nothing to run here, only what to run instead ----
+
+USAGE = """GPT-2 in one file, to import rather than run. What to run instead:
+
+    python sample.py --init-from RUN_OR_MODEL --prompt "..."   # text from a run, a checkpoint or gpt2
+    python sharding.py export RUN OUT                           # a checkpoint as a Hugging Face folder
+    python train.py --model tiny                                # train one
+
+and from Python:
+
+    from model import GPT, config_from_preset
+    model = GPT(config_from_preset("tiny"))     # presets: {presets}
+    model = GPT.from_pretrained("gpt2")         # or a Hugging Face folder; checkpoint.load_pretrained
+                                                # also takes our run and checkpoint folders
+    model.export_hf("exported/")
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    from runtime import EXIT_OK
+
+    parser = argparse.ArgumentParser(
+        prog="python model.py",
+        description=USAGE.format(presets=", ".join(PRESETS)),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.parse_args(argv)  # --help; any other argument is refused with exit status 2
+    parser.print_help()
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    from runtime import run_command
+
+    sys.exit(run_command(main))

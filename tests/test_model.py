@@ -2,11 +2,13 @@ import json
 import math
 import os
 import stat
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from conftest import requires_gpu, save_tiny_hf_gpt2
+from conftest import ROOT, requires_gpu, save_tiny_hf_gpt2
 from model import GPT, HF_TOKENIZER_KEY, PRESETS, GPTConfig, KVCache, config_from_preset
 
 
@@ -229,6 +231,19 @@ def test_from_pretrained_on_a_run_without_checkpoints_says_it_has_none_yet(run_f
     shutil.rmtree(run_folder / "checkpoints")
     with pytest.raises(ValueError, match="is a run folder of this trainer.*HINT: it has saved no checkpoint yet"):
         GPT.from_pretrained(str(run_folder))
+
+
+def test_running_model_py_prints_what_to_run_instead(capsys):
+    from model import main
+
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert "python sample.py" in out and "python sharding.py export" in out and "from model import GPT" in out
+    with pytest.raises(SystemExit) as exc:
+        main(["--prompt", "hi"])
+    assert exc.value.code == 2 and "unrecognized arguments: --prompt hi" in capsys.readouterr().err
+    done = subprocess.run([sys.executable, "model.py"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "python sample.py" in done.stdout
 
 
 def test_loading_an_untied_output_layer_is_an_error():
