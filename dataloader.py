@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from prepare_data import FORMAT_VERSION, MARKER_NAME, META_NAME
-from runtime import ConfigError
+from runtime import ConfigError, run_command
 
 LLMC_HEADER_INTS = 256
 LLMC_FORMATS = {20240520: (1, np.dtype(np.uint16)), 20240801: (7, np.dtype(np.uint32))}  # magic: (version, dtype)
@@ -505,4 +505,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

@@ -44,6 +44,7 @@ from runtime import (
     ConfigError,
     HelpFormatter,
     out_of_memory,
+    run_command,
     setup_distributed,
     teardown_distributed,
 )
@@ -479,8 +480,20 @@ def check_args(args: argparse.Namespace) -> None:
             f"--checkpoint {args.checkpoint} is not a folder. HINT: name a run folder (runs/NAME) or one of "
             "its checkpoints (runs/NAME/checkpoints/step_N)"
         )
+    elif args.checkpoint is not None and _hugging_face_folder(Path(args.checkpoint)):
+        errors.append(
+            f"--checkpoint {args.checkpoint} is a Hugging Face model folder (an export: config.json and its "
+            f"weights), not one of this project's checkpoints. HINT: evaluate it with --model_type {args.checkpoint}"
+        )
     if errors:
         raise ConfigError("\n".join(errors))
+
+
+def _hugging_face_folder(path: Path) -> bool:
+    """Whether path holds a save_pretrained folder (what sharding.py export writes) and no run."""
+    weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+    has_weights = any((path / name).is_file() for name in weights)
+    return (path / "config.json").is_file() and has_weights and not (path / "checkpoints").exists()
 
 
 def _load_model(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
@@ -551,6 +564,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"{where}error: {e}", file=sys.stderr)
         return EXIT_CONFIG
+    except BrokenPipeError:
+        raise  # not an error of ours: the reader of stdout has gone (run_command ends quietly)
     except (HellaSwagError, CheckpointError, TokenizerError, OSError) as e:
         print(f"{where}error: {e}", file=sys.stderr)
         return EXIT_ERROR
@@ -565,4 +580,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

@@ -1,14 +1,17 @@
 """GPT-2 in one file: config, blocks, init, sampling, and Hugging Face import/export.
 
-This module knows nothing of files' layout on disk beyond the Hugging Face format, nor of
-ranks or schedules: it can be imported into a notebook and used alone.
+This module knows nothing of files' layout on disk beyond the Hugging Face format (and enough
+of a run folder's to refuse one in from_pretrained), nor of ranks or schedules: it can be
+imported into a notebook and used alone.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import re
+import sys
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -372,6 +375,7 @@ class GPT(nn.Module):
         Hugging Face hub, or a local directory saved with `save_pretrained` / `export_hf`."""
         from transformers import GPT2Config, GPT2LMHeadModel
 
+        _check_not_our_folder(name_or_path)  # which transformers would misread
         hc = GPT2Config.from_pretrained(name_or_path)
         _check_hf_config(hc, name_or_path)  # before loading weights that may be gigabytes
         hf = GPT2LMHeadModel.from_pretrained(name_or_path, config=hc)
@@ -531,6 +535,28 @@ def uncompiled():
     return torch.compiler.set_stance("force_eager")
 
 
+def _check_not_our_folder(name: str) -> None:
+    """Refuse this project's run and checkpoint folders. They are no Hugging Face folders, though
+    they look alike (a config.json, a model.safetensors): transformers reads a run's config.json,
+    the training configuration, as a GPT2Config and fails on its fields, and in a checkpoint
+    folder, which has no config.json, loads the weights into a default-sized GPT-2."""
+    path = Path(name)
+    if (path / "meta.json").is_file() and not (path / "config.json").exists():
+        what = "a checkpoint folder"
+    elif (path / "checkpoints").is_dir() or (path / "metrics.jsonl").is_file():
+        what = "a run folder"
+    else:
+        return
+    if what == "a run folder" and not any((path / "checkpoints").glob("step_*")):
+        hint = "it has saved no checkpoint yet; load it once it has (train.py --checkpoint-every)"
+    else:
+        hint = (
+            f"load it with checkpoint.load_pretrained({name!r}), or --init-from {name} in sample.py and "
+            f"train.py, --checkpoint {name} in hellaswag.py"
+        )
+    raise ValueError(f"{name} is {what} of this trainer, not a Hugging Face model folder. HINT: {hint}")
+
+
 def _check_hf_config(hc, name: str) -> None:
     """Refuse Hugging Face GPT-2 variants this model does not implement, which would otherwise
     load without error and compute something else."""
@@ -550,3 +576,40 @@ def _check_hf_config(hc, name: str) -> None:
     ]
     if wrong:
         raise ValueError(f"{name} is not a GPT-2 this model can load: {'; '.join(wrong)}")
+
+
+# ---- command line: there is nothing to run here, only what to run instead ----
+
+USAGE = """GPT-2 in one file, to import rather than run. What to run instead:
+
+    python sample.py --init-from RUN_OR_MODEL --prompt "..."   # text from a run, a checkpoint or gpt2
+    python sharding.py export RUN OUT                           # a checkpoint as a Hugging Face folder
+    python train.py --model tiny                                # train one
+
+and from Python:
+
+    from model import GPT, config_from_preset
+    model = GPT(config_from_preset("tiny"))     # presets: {presets}
+    model = GPT.from_pretrained("gpt2")         # or a Hugging Face folder; checkpoint.load_pretrained
+                                                # also takes our run and checkpoint folders
+    model.export_hf("exported/")
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    from runtime import EXIT_OK
+
+    parser = argparse.ArgumentParser(
+        prog="python model.py",
+        description=USAGE.format(presets=", ".join(PRESETS)),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.parse_args(argv)  # --help; any other argument is refused with exit status 2
+    parser.print_help()
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    from runtime import run_command
+
+    sys.exit(run_command(main))

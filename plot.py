@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
-from runtime import EXIT_CONFIG, EXIT_ERROR, EXIT_OK, ConfigError
+from runtime import EXIT_CONFIG, EXIT_ERROR, EXIT_OK, ConfigError, run_command
 
 RUNS = Path("runs")  # where train.py puts a run unless --out says otherwise
 OUTPUT_NAME = "losses.png"
@@ -73,6 +74,32 @@ def import_pyplot():
     return plt
 
 
+def output_path(output: str | None, runs: list[Path]) -> Path:
+    """The file to write: --output as given, in PNG where it names no format, or losses.png
+    inside it where it is a folder; a format matplotlib cannot write, or a folder that is not
+    there, is refused before anything is drawn."""
+    if output is None:
+        return runs[0] / OUTPUT_NAME
+    path = Path(output)
+    if path.is_dir() or output.endswith(("/", os.sep)):
+        if not path.is_dir():
+            raise ConfigError(f"--output {output}: no such folder. HINT: create it, or name a file to write")
+        return path / OUTPUT_NAME
+    if not path.parent.is_dir():
+        raise ConfigError(f"--output {output}: no folder {path.parent}. HINT: create it, or write somewhere else")
+    if not path.suffix:
+        return path.with_name(path.name + ".png")  # (what matplotlib would write, said in the message)
+    from matplotlib.backend_bases import FigureCanvasBase  # (import_pyplot has checked it is installed)
+
+    supported = sorted(FigureCanvasBase.get_supported_filetypes())
+    if path.suffix[1:].lower() not in supported:
+        raise ConfigError(
+            f"--output {output}: matplotlib cannot write {path.suffix} files. HINT: end the name with one of "
+            f"{', '.join('.' + ext for ext in supported)}"
+        )
+    return path
+
+
 def draw(runs: list[Path], output: Path, plt) -> None:
     fig, ax = plt.subplots(figsize=(8, 5))
     for run in runs:
@@ -98,7 +125,10 @@ def main(argv: list[str] | None = None) -> int:
         "runs", nargs="*", type=Path, help=f"run folders, each with a metrics.jsonl (default: the newest in {RUNS}/)"
     )
     parser.add_argument(
-        "--output", type=Path, default=None, help=f"PNG to write (default: {OUTPUT_NAME} in the first run folder)"
+        "--output",
+        default=None,
+        help=f"the file to write: PNG, or the format its extension names (.pdf, .svg ...); a folder: {OUTPUT_NAME} "
+        f"in it (default: {OUTPUT_NAME} in the first run folder)",
     )
     args = parser.parse_args(argv)
     try:
@@ -108,10 +138,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"plotting {runs[0]}, the newest run in {RUNS}/")
         check_runs(runs)
         plt = import_pyplot()
+        output = output_path(args.output, runs)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    output = args.output or runs[0] / OUTPUT_NAME
     try:
         draw(runs, output, plt)
     except OSError as e:
@@ -122,4 +152,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

@@ -26,6 +26,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 # Exit codes shared by every script: a user's mistake is 2, anything else that stops a run is 1.
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG = 0, 1, 2
+# A reader that went away (`| head`) and Ctrl-C: what a shell reports for a process killed by
+# SIGPIPE (13) or SIGINT (2), 128 + the signal, so `set -o pipefail` scripts see the usual codes.
+EXIT_BROKEN_PIPE, EXIT_INTERRUPTED = 128 + 13, 128 + 2
 
 ATTENTION_BACKENDS = {
     "flash": SDPBackend.FLASH_ATTENTION,
@@ -75,6 +78,33 @@ def print0(*args, **kwargs) -> None:
         # on, its output discarded, rather than dying with its work since the last checkpoint
         stream = kwargs.get("file") or sys.stdout
         os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+
+
+def run_command(main: Callable[[], int]) -> int:
+    """main()'s exit code, for a script's `sys.exit(run_command(main))`: a closed stdout
+    (`python sample.py | head -1`) ends it quietly, Ctrl-C with one line instead of a traceback."""
+    try:
+        code = main()
+        sys.stdout.flush()  # here, where a reader that has gone is caught, not at the interpreter's exit
+        return code
+    except BrokenPipeError:
+        _discard_stdout()
+        return EXIT_BROKEN_PIPE
+    except KeyboardInterrupt:
+        try:
+            print("interrupted", file=sys.stderr, flush=True)
+        except (OSError, ValueError):
+            pass  # stderr gone too: the exit code still says it
+        return EXIT_INTERRUPTED
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null: what is still buffered would fail again, with a traceback-like
+    complaint, when the interpreter flushes stdout at exit."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (AttributeError, OSError, ValueError):
+        pass  # a stdout without a file descriptor (a test's capture) has nothing to flush to
 
 
 class PeerStopped(Exception):

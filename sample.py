@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from runtime import EXIT_CONFIG, EXIT_ERROR, EXIT_OK, ConfigError, HelpFormatter, resolve_device
+from runtime import EXIT_CONFIG, EXIT_ERROR, EXIT_OK, ConfigError, HelpFormatter, resolve_device, run_command
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -70,13 +70,16 @@ def generate(args: argparse.Namespace) -> list[str]:
             f"the tokenizer {args.tokenizer!r} has {tok.vocab_size:,} ids, the model only "
             f"{model.config.vocab_size:,}. HINT: pass the --tokenizer the model was trained with"
         )
-    prompt = tok.encode(args.prompt) or [tok.eot_id]
-    idx = torch.tensor([prompt] * args.num_samples, dtype=torch.long, device=device)
+    # an empty prompt starts a new document, after the end-of-text token as GPT-2's own samples do;
+    # that token is context, not text the user wrote, so it is not printed
+    prompt = tok.encode(args.prompt)
+    context = prompt or [tok.eot_id]
+    idx = torch.tensor([context] * args.num_samples, dtype=torch.long, device=device)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     out = model.generate(
         idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None, generator=gen
     )
-    return [tok.decode(row) for row in out.tolist()]
+    return [tok.decode(row[len(context) - len(prompt) :]) for row in out.tolist()]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,4 +102,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

@@ -36,7 +36,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from model import GPT, GPTConfig
-from runtime import EXIT_CONFIG, EXIT_ERROR, EXIT_OK, ConfigError
+from runtime import EXIT_CONFIG, EXIT_ERROR, EXIT_OK, ConfigError, run_command
 
 # ---- the process group and the wrapping ----
 
@@ -301,4 +301,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

@@ -37,9 +37,11 @@ import numpy as np
 
 import prepare_data
 from dataloader import ShardedDataLoader
+from runtime import EXIT_ERROR, EXIT_OK
 from tokenizer import get_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CORPUS = ROOT.parent / "shared" / "data" / "gutenberg"
 PIECE_CHARS = 1 << 20
 _ENCODING = None  # the tiktoken Encoding, inherited by the forked Pool workers
 
@@ -89,11 +91,17 @@ def tiktoken_threads(pieces: list[str], workers: int) -> tuple[float, int, float
     return time.perf_counter() - start, tokens, _cpu_seconds() - cpu
 
 
+class PrepareFailed(RuntimeError):
+    """prepare_data.py, run as the user would, stopped on the corpus."""
+
+
 def prepare_data_cli(source: Path, out: Path, workers: int) -> tuple[float, int, float]:
     """Wall seconds of `python prepare_data.py` as a new process, its token count and CPU seconds."""
     command = [sys.executable, str(ROOT / "prepare_data.py"), str(source), "--out", str(out), "--overwrite"]
     start, cpu = time.perf_counter(), _cpu_seconds()
-    subprocess.run([*command, "--workers", str(workers)], check=True, capture_output=True, cwd=ROOT)
+    done = subprocess.run([*command, "--workers", str(workers)], capture_output=True, text=True, cwd=ROOT)
+    if done.returncode != 0:  # its own message says why; the benchmark has nothing to time
+        raise PrepareFailed(f"python prepare_data.py {source} failed:\n{done.stderr.strip()}")
     seconds = time.perf_counter() - start
     meta = json.loads((out / "meta.json").read_text())
     tokens = sum(meta["splits"][s]["tokens"] for s in ("train", "val"))
@@ -172,10 +180,17 @@ def bench_loader(data_dir: Path, batch_size: int, seq_len: int, steps: int, shuf
     return times
 
 
-def main(argv: list[str] | None = None) -> int:
-    global _ENCODING
-    p = argparse.ArgumentParser(description="Time prepare_data.py against tiktoken alone, and the loader's next_batch.")
-    p.add_argument("--corpus", default=str(ROOT.parent / "shared/data/gutenberg"), help="a directory of .txt files")
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[Path]]:
+    """The flags, checked, and the corpus's text files."""
+    p = argparse.ArgumentParser(
+        prog="python -m bench.data",
+        description="Time prepare_data.py against tiktoken alone, and the loader's next_batch.",
+    )
+    p.add_argument(
+        "--corpus",
+        default=str(DEFAULT_CORPUS),
+        help="a directory of .txt files (default: %(default)s, the Gutenberg corpus beside this repository)",
+    )
     p.add_argument("--workers", type=int, default=0, help="processes and threads for all (default: all cores)")
     p.add_argument("--repeat", type=int, default=5, help="rounds of the three measurements (default: 5)")
     p.add_argument("--fresh-threads", type=int, default=0, metavar="N", help="also N new-process thread runs")
@@ -183,8 +198,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=1024, help="loader sequence length T (default: 1024)")
     p.add_argument("--steps", type=int, default=500, help="timed next_batch calls (default: 500)")
     args = p.parse_args(argv)
+    if min(args.repeat, args.batch_size, args.seq_len, args.steps) < 1 or min(args.workers, args.fresh_threads) < 0:
+        p.error("--repeat, --batch-size, --seq-len and --steps must be >= 1, --workers and --fresh-threads >= 0")
+    if not Path(args.corpus).exists():
+        which = "the default --corpus" if args.corpus == str(DEFAULT_CORPUS) else "--corpus"
+        p.error(f"no corpus at {args.corpus} ({which}). HINT: pass --corpus DIR, a folder of .txt files")
+    try:
+        return args, prepare_data.expand_inputs([args.corpus])
+    except prepare_data.DataPrepError as e:
+        p.error(f"--corpus {args.corpus}: {e}")
 
-    files = prepare_data.expand_inputs([args.corpus])
+
+def main(argv: list[str] | None = None) -> int:
+    args, files = parse_args(argv)
+    try:
+        run(args, files)
+    except PrepareFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    return EXIT_OK
+
+
+def run(args: argparse.Namespace, files: list[Path]) -> None:
+    global _ENCODING
     workers = args.workers or prepare_data._cores()
     _ENCODING = get_tokenizer("gpt2").backend
     texts = [f.read_bytes().decode("utf-8", "replace") for f in files]  # as prepare_data reads them
@@ -205,7 +241,6 @@ def main(argv: list[str] | None = None) -> int:
                 f"median {statistics.median(times) * 1e3:.3f} ms, mean {statistics.fmean(times) * 1e3:.3f} ms, "
                 f"max {max(times) * 1e3:.3f} ms over {args.steps} calls"
             )
-    return 0
 
 
 if __name__ == "__main__":

@@ -371,6 +371,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--steps, --warmup and --grad-accum must be >= 1, --profile >= 0")
     if args.activation_checkpointing < 0 or args.pad_vocab < 1 or args.world_size < 1:
         p.error("--activation-checkpointing must be >= 0, --pad-vocab and --world-size >= 1")
+    if min(args.batch_size) < 1:
+        p.error(f"--batch-size must be >= 1, got {min(args.batch_size)}")
+    if args.seq_len is not None:
+        check_seq_len(p, args.seq_len, args.model)
+    if args.save:
+        check_writable(p, args.save)
     try:
         args.device = resolve_device(args.device)
     except ConfigError as e:
@@ -384,6 +390,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if value != default and not args.compile:
             p.error(f"--{flag} {value} needs --compile (add it, or leave --{flag} at {default})")
     return args
+
+
+def check_seq_len(p: argparse.ArgumentParser, seq_len: int, presets: list[str]) -> None:
+    """A length every preset's position embedding covers; 0 is not taken for "the default"."""
+    if seq_len < 1:
+        p.error(f"--seq-len must be >= 1, got {seq_len} (leave it out for each preset's block size)")
+    too_short = {name: config_from_preset(name).block_size for name in presets}
+    too_short = {name: size for name, size in too_short.items() if size < seq_len}
+    if too_short:
+        sizes = ", ".join(f"{name} ({size})" for name, size in too_short.items())
+        p.error(
+            f"--seq-len {seq_len} is longer than the block size of {sizes}. HINT: use --seq-len "
+            f"{min(too_short.values())} or less, or leave it out for each preset's block size"
+        )
+
+
+def check_writable(p: argparse.ArgumentParser, path: str) -> None:
+    """--save is opened before any timing: a benchmark that runs for minutes should not fail
+    at the end for a mistyped folder. (Opened to append, the file keeps its rows.)"""
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as e:
+        p.error(f"--save {path}: cannot write there ({e.strerror}). HINT: name a file in an existing folder")
 
 
 def step_options(args: argparse.Namespace) -> StepOptions:

@@ -62,6 +62,19 @@ def run_train(
     )
 
 
+def run_with_stdout_closed(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python ARGS` from the repository root, its stdout a pipe whose reader has already gone
+    (as behind `| head -0`): its first write to stdout fails with EPIPE."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        return subprocess.run(
+            [sys.executable, *args], cwd=ROOT, stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=timeout
+        )
+    finally:
+        os.close(write_end)
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 

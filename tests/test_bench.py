@@ -295,3 +295,41 @@ def test_generate_benchmark_gives_both_speeds_and_the_same_tokens_in_fp32(capsys
     out = capsys.readouterr().out
     assert "12 tokens with the cache" in out and "12 tokens without it" in out
     assert "the same tokens: yes (float32)" in out
+
+
+def no_timing(*args, **kwargs):
+    raise AssertionError("the flags should have been refused before anything was timed")
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        ("--batch-size 0", "--batch-size must be >= 1, got 0"),
+        ("--batch-size 2 -1", "--batch-size must be >= 1, got -1"),
+        ("--seq-len 0", "--seq-len must be >= 1, got 0"),
+        ("--seq-len 4096", "--seq-len 4096 is longer than the block size of tiny (128). HINT: use --seq-len 128"),
+        ("--save nowhere/rows.jsonl", "--save nowhere/rows.jsonl: cannot write there"),
+    ],
+)
+def test_step_benchmark_refuses_a_flag_that_cannot_work_before_timing(flags, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(bench_step, "bench_one", no_timing)
+    with pytest.raises(SystemExit) as exc:
+        bench_step.main(["--model", "tiny", "--device", "cpu", "--no-compile", *flags.split()])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_data_benchmark_shows_its_default_corpus_and_refuses_a_missing_one(tmp_path, monkeypatch, capsys):
+    from bench import data as bench_data
+
+    absent = tmp_path / "gutenberg"
+    monkeypatch.setattr(bench_data, "DEFAULT_CORPUS", absent)
+    with pytest.raises(SystemExit) as exc:
+        bench_data.main(["--help"])
+    # (argparse wraps the help at spaces and hyphens; the path is compared without them)
+    assert exc.value.code == 0 and f"(default:{absent}" in "".join(capsys.readouterr().out.split())
+    with pytest.raises(SystemExit) as exc:
+        bench_data.main([])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and f"no corpus at {absent} (the default --corpus)" in err and "HINT: " in err
+    assert "Traceback" not in err

@@ -10,6 +10,8 @@ import torch
 from conftest import requires_gpu
 from dataloader import DataError, ShardedDataLoader, main
 from prepare_data import MARKER_NAME, ShardWriter, finish_dataset
+from runs import run_with_stdout_closed
+from runtime import EXIT_BROKEN_PIPE
 
 B, T = 2, 8
 CHUNK = B * T
@@ -384,3 +386,8 @@ def test_inspect_command_checks_sha256(data, capsys):
     path.write_bytes(path.read_bytes()[:-2] + b"\xff\x00")
     assert main([str(data), "--verify-checksums"]) == 1
     assert "train_000000.npy: sha256 differs" in capsys.readouterr().err
+
+
+def test_inspect_command_with_a_closed_stdout_stops_quietly_with_the_sigpipe_exit_code(data):
+    done = run_with_stdout_closed(["dataloader.py", str(data)])
+    assert done.returncode == EXIT_BROKEN_PIPE and done.stderr == ""

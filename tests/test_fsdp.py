@@ -22,8 +22,8 @@ import sharding
 import train
 from conftest import requires_gpu
 from model import GPT, GPTConfig
-from runs import TINY, read_metrics, run_train, train_losses
-from runtime import Dist
+from runs import TINY, read_metrics, run_train, run_with_stdout_closed, train_losses
+from runtime import EXIT_BROKEN_PIPE, Dist
 
 SEED = 1234
 CONFIG = dict(block_size=64, vocab_size=50257, n_layer=2, n_head=2, n_embd=64, pad_vocab_to=64)
@@ -203,6 +203,15 @@ def test_export_over_an_earlier_export_is_done_in_place(two_ranks, tmp_path):
     for _ in range(2):
         assert sharding.main(["export", str(two_ranks[1] / "run"), str(out)]) == 0
     assert GPT.from_pretrained(str(out)).config.n_layer == CONFIG["n_layer"]
+
+
+def test_export_to_a_closed_stdout_still_exports_and_stops_quietly(tiny_data, tmp_path):
+    run, out = tmp_path / "run", tmp_path / "exported"
+    assert train.main([*TINY, "--data", str(tiny_data), "--out", str(run), "--max-steps", "1"]) == 0
+    done = run_with_stdout_closed(["sharding.py", "export", str(run), str(out)])
+    assert done.returncode == EXIT_BROKEN_PIPE, done.stderr
+    assert "Traceback" not in done.stderr and "Broken pipe" not in done.stderr
+    assert GPT.from_pretrained(str(out)).config.n_layer == 2
 
 
 def folder_contents(folder: Path) -> list[tuple[str, bytes | None]]:

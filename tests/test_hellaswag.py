@@ -17,7 +17,8 @@ import hellaswag
 from conftest import ROOT, SHARED_DATA, FakeResponse, requires_gpu, save_tiny_hf_gpt2
 from hellaswag import HELLASWAG_VAL_EXAMPLES, evaluate, evaluate_one_at_a_time, load_examples, render_example
 from model import GPT, GPTConfig
-from runs import spawn_gloo
+from runs import run_with_stdout_closed, spawn_gloo
+from runtime import EXIT_BROKEN_PIPE
 from tokenizer import get_tokenizer
 
 SHARED_FILE = SHARED_DATA / "hellaswag" / "hellaswag_val_derived.jsonl"
@@ -391,6 +392,20 @@ def test_a_bad_flag_is_one_error_before_any_work(flags, message, data_file, tmp_
     assert hellaswag.main([*flags.split(), "--device", "cpu", "--data-file", str(data_file)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+def test_a_hugging_face_folder_given_as_checkpoint_is_pointed_to_model_type(hf_gpt2_dir, data_file, no_loading, capsys):
+    assert hellaswag.main(["--checkpoint", str(hf_gpt2_dir), "--device", "cpu", "--data-file", str(data_file)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --checkpoint {hf_gpt2_dir} is a Hugging Face model folder")
+    assert err.rstrip().endswith(f"HINT: evaluate it with --model_type {hf_gpt2_dir}")
+
+
+def test_json_to_a_closed_stdout_stops_quietly_with_the_sigpipe_exit_code(hf_gpt2_dir, data_file):
+    flags = ["--model_type", str(hf_gpt2_dir), "--data-file", str(data_file), *"--device cpu --limit 2 --json".split()]
+    done = run_with_stdout_closed(["hellaswag.py", *flags])
+    assert done.returncode == EXIT_BROKEN_PIPE, done.stderr
+    assert "error" not in done.stderr and "Broken pipe" not in done.stderr and "Traceback" not in done.stderr
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a CUDA GPU")

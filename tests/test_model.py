@@ -2,11 +2,13 @@ import json
 import math
 import os
 import stat
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from conftest import requires_gpu, save_tiny_hf_gpt2
+from conftest import ROOT, requires_gpu, save_tiny_hf_gpt2
 from model import GPT, HF_TOKENIZER_KEY, PRESETS, GPTConfig, KVCache, config_from_preset
 
 
@@ -199,6 +201,49 @@ def test_from_pretrained_refuses_variants_it_would_compute_differently(tmp_path,
     key = next(iter(variant))
     with pytest.raises(ValueError, match=f"not a GPT-2 this model can load: {key}="):
         GPT.from_pretrained(str(tmp_path))
+
+
+@pytest.fixture
+def run_folder(tmp_path):
+    """One of our run folders as train.py leaves it: its config.json the training configuration."""
+    import checkpoint
+
+    run = tmp_path / "run"
+    checkpoint.save_checkpoint(run, 5, tiny(), {}, {})
+    (run / "config.json").write_text(json.dumps({"model": "tiny", "n_embd": None, "lr": 1e-3}))
+    (run / "metrics.jsonl").write_text("")
+    return run
+
+
+def test_from_pretrained_on_our_run_or_checkpoint_folder_points_to_load_pretrained(run_folder):
+    step_dir = run_folder / "checkpoints" / "step_00000005"
+    for folder, what in ((run_folder, "a run folder"), (step_dir, "a checkpoint folder")):
+        with pytest.raises(ValueError) as exc:
+            GPT.from_pretrained(str(folder))
+        message = str(exc.value)
+        assert message.startswith(f"{folder} is {what} of this trainer, not a Hugging Face model folder. HINT: ")
+        assert f"checkpoint.load_pretrained({str(folder)!r})" in message and f"--init-from {folder}" in message
+
+
+def test_from_pretrained_on_a_run_without_checkpoints_says_it_has_none_yet(run_folder):
+    import shutil
+
+    shutil.rmtree(run_folder / "checkpoints")
+    with pytest.raises(ValueError, match="is a run folder of this trainer.*HINT: it has saved no checkpoint yet"):
+        GPT.from_pretrained(str(run_folder))
+
+
+def test_running_model_py_prints_what_to_run_instead(capsys):
+    from model import main
+
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert "python sample.py" in out and "python sharding.py export" in out and "from model import GPT" in out
+    with pytest.raises(SystemExit) as exc:
+        main(["--prompt", "hi"])
+    assert exc.value.code == 2 and "unrecognized arguments: --prompt hi" in capsys.readouterr().err
+    done = subprocess.run([sys.executable, "model.py"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "python sample.py" in done.stdout
 
 
 def test_loading_an_untied_output_layer_is_an_error():

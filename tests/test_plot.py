@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 import plot
+from runs import run_with_stdout_closed
+from runtime import EXIT_BROKEN_PIPE
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -110,3 +112,46 @@ def test_a_run_with_no_loss_yet_is_an_error_not_an_empty_picture(tmp_path, capsy
     assert plot.main([str(run)]) == 2
     assert capsys.readouterr().err.startswith(f"error: nothing to plot: {run} recorded no loss yet. HINT: ")
     assert not (run / "losses.png").exists()
+
+
+def test_an_output_without_extension_gets_png_and_the_message_names_that_file(pyplot, tmp_path, capsys):
+    run = write_run(tmp_path / "run", range(5))
+    assert plot.main([str(run), "--output", str(tmp_path / "losses")]) == 0
+    written = tmp_path / "losses.png"
+    assert capsys.readouterr().out == f"wrote {written}\n" and written.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_an_output_folder_gets_losses_png_inside_it(pyplot, tmp_path, capsys):
+    run = write_run(tmp_path / "run", range(5))
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    assert plot.main([str(run), "--output", str(folder)]) == 0
+    assert capsys.readouterr().out == f"wrote {folder / 'losses.png'}\n"
+    assert (folder / "losses.png").read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.mark.parametrize(
+    "output, message",
+    [
+        ("losses.txt", "matplotlib cannot write .txt files. HINT: end the name with one of"),
+        ("absent/losses.png", "no folder absent. HINT: "),
+        ("absent/", "no such folder. HINT: "),
+    ],
+)
+def test_an_output_that_cannot_be_written_is_refused_before_drawing(output, message, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("matplotlib")
+    monkeypatch.chdir(tmp_path)
+    run = write_run(tmp_path / "run", range(5))
+    monkeypatch.setattr(plot, "draw", lambda *args: pytest.fail("drawn although --output cannot be written"))
+    assert plot.main([str(run), "--output", output]) == plot.EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --output {output}: ") and message in err
+    assert list(tmp_path.iterdir()) == [tmp_path / "run"]
+
+
+def test_a_closed_stdout_stops_quietly_with_the_sigpipe_exit_code(tmp_path):
+    pytest.importorskip("matplotlib")
+    run = write_run(tmp_path / "run", range(5))
+    done = run_with_stdout_closed(["plot.py", str(run)])
+    assert done.returncode == EXIT_BROKEN_PIPE and done.stderr == ""
+    assert (run / "losses.png").read_bytes()[:8] == PNG_MAGIC

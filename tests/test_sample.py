@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -15,7 +16,8 @@ import sample
 import train
 from conftest import ROOT, save_tiny_hf_gpt2
 from model import GPT
-from runs import TINY
+from runs import TINY, run_with_stdout_closed
+from runtime import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED
 from tokenizer import get_tokenizer
 
 FLAGS = "--device cpu --num-samples 2 --max-new-tokens 8".split()
@@ -102,6 +104,46 @@ def test_a_sample_with_newlines_is_printed_as_text_not_as_a_repr(hf_gpt2_dir, ca
     assert sample.main([*FLAGS, "--init-from", str(hf_gpt2_dir), "--prompt", "First line\nsecond line"]) == 0
     out = capsys.readouterr().out
     assert "First line\nsecond line" in out and "\\n" not in out and "'First" not in out
+
+
+def test_an_empty_prompt_starts_after_end_of_text_without_printing_it(hf_gpt2_dir, capsys):
+    texts = run_sample(capsys, "--init-from", str(hf_gpt2_dir), "--prompt", "")
+    tok = get_tokenizer("gpt2")
+    idx = torch.tensor([[tok.eot_id]] * 2)
+    gen = torch.Generator().manual_seed(42)
+    out = GPT.from_pretrained(str(hf_gpt2_dir)).eval().generate(idx, 8, temperature=1.0, top_k=50, generator=gen)
+    assert texts == [tok.decode(row[1:]) for row in out.tolist()]
+    assert not any(text.startswith("<|endoftext|>") for text in texts)
+
+
+# ---- a reader that goes away, Ctrl-C: a quiet stop, no traceback ----
+
+
+def test_a_closed_stdout_stops_quietly_with_the_sigpipe_exit_code(hf_gpt2_dir):
+    done = run_with_stdout_closed(["sample.py", *FLAGS, "--init-from", str(hf_gpt2_dir)])
+    assert done.returncode == EXIT_BROKEN_PIPE, done.stderr
+    assert "Traceback" not in done.stderr and "Broken pipe" not in done.stderr and "error" not in done.stderr
+
+
+def test_ctrl_c_is_one_line_and_exit_code_130(hf_gpt2_dir):
+    # The samples print more than a pipe holds, so sample.py is still printing, blocked on the
+    # pipe, when SIGINT comes: it comes after the first line is read and before the rest.
+    prompt = "To be, or not to be, that is the question. " * 200
+    flags = ["--device", "cpu", "--init-from", str(hf_gpt2_dir), "--num-samples", "200", "--max-new-tokens", "0"]
+    with subprocess.Popen(
+        [sys.executable, "sample.py", *flags, "--prompt", prompt],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # a shell's background jobs ignore SIGINT, and Python then installs no handler of its own
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    ) as proc:
+        assert proc.stdout.readline().startswith("---- sample 1 of 200 ----")
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_INTERRUPTED, err
+    assert err.splitlines()[-1] == "interrupted" and "Traceback" not in err
 
 
 # ---- mistakes: one clear error, exit code 2, no traceback ----
