@@ -609,6 +609,7 @@ def claim_run_dir(out_dir: Path, d: Dist) -> Iterator[None]:
     Every rank learns the outcome, so all of them stop together. The lock goes with the process,
     however it ends."""
     lock, refusal = None, None
+    before = {p.name for p in out_dir.iterdir()} if out_dir.is_dir() else None
     if d.master:
         try:
             lock = lock_run_dir(out_dir)
@@ -621,6 +622,22 @@ def claim_run_dir(out_dir: Path, d: Dist) -> Iterator[None]:
     finally:
         if lock is not None:
             lock.close()
+            remove_if_unused(out_dir, before)
+
+
+def remove_if_unused(out_dir: Path, before: set[str] | None) -> None:
+    """A run that stopped before writing anything (a mistake found in set-up) leaves no trace:
+    its lock file goes, and the folder too where the run made it (before: what the folder held,
+    None where there was none)."""
+    try:
+        if {p.name for p in out_dir.iterdir()} - {".lock"} != (before or set()) - {".lock"}:
+            return
+        if before is None or ".lock" not in before:
+            (out_dir / ".lock").unlink()
+        if before is None:
+            out_dir.rmdir()
+    except OSError:
+        pass  # (only tidiness is lost)
 
 
 def lock_run_dir(out_dir: Path) -> IO[str]:

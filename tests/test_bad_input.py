@@ -235,6 +235,17 @@ def test_unwritable_out_is_an_error_before_set_up(tiny_data, tmp_path, capsys):
     assert "cannot write there" in err and "HINT" in err and "Traceback" not in err
 
 
+def test_a_mistake_found_in_set_up_leaves_no_folder_or_lock_behind(tiny_data, tmp_path, capsys):
+    new, kept = tmp_path / "new" / "run", tmp_path / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    for out in (new, kept):
+        assert train.main(flags(tiny_data, out, extra="--seq-len 4096")) == train.EXIT_CONFIG
+        assert "longer than the model's block size" in capsys.readouterr().err
+    assert not new.exists()
+    assert sorted(p.name for p in kept.iterdir()) == ["notes.txt"]  # the folder was there before: kept
+
+
 def test_a_second_run_on_the_same_out_is_refused(tiny_data, tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
