@@ -340,13 +340,13 @@ class GPT(nn.Module):
         Each token is predicted from the last block_size tokens. A cache of their keys and
         values lets each step run the model on the newest token alone; once the sequence is
         longer than block_size, the window slides and each step starts a cache afresh.
-        use_cache=False runs the whole window every step (the same tokens, slower)."""
+        use_cache=False runs the whole window every step (the same computation, slower)."""
         block_size = self.config.block_size
-        cache = KVCache(self.config.n_layer)
+        cache = None
         for _ in range(max_new_tokens):
             if not use_cache:
                 logits, _ = self(idx[:, -block_size:])
-            elif len(cache) == 0 or len(cache) == block_size:
+            elif cache is None or len(cache) == block_size:
                 cache = KVCache(self.config.n_layer)
                 logits, _ = self(idx[:, -block_size:], cache=cache)
             else:
