@@ -67,19 +67,26 @@ class MetricsLog:
     def _records(self) -> Iterator[tuple[str, dict]]:
         """(line, record) for each whole record in the file; a line cut short by a crash is skipped."""
         for line in self.path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict):
+            if (record := parse_record(line)) is not None:
                 yield line, record
 
     def truncate_from(self, step: int) -> None:
-        """Drop events of steps >= step: they were logged after the checkpoint we resume from."""
+        """Drop events of steps >= step: they were logged after the checkpoint we resume from. A
+        last line cut short by a crash goes too; any other line that is not a record is not ours
+        to judge, and stays where it is, with a warning."""
         if not self.enabled or not self.path.exists():
             return
         self.file.close()
-        kept = [line for line, record in self._records() if record.get("step") is None or record["step"] < step]
+        lines = self.path.read_text().splitlines()
+        kept = []
+        for number, line in enumerate(lines, 1):
+            record = parse_record(line)
+            if record is None:
+                if number < len(lines):  # (the last line is the one a crash cuts short)
+                    print(f"WARNING: {self.path}:{number} is not a JSON record; left as it is", flush=True)
+                    kept.append(line)
+            elif record.get("step") is None or record["step"] < step:
+                kept.append(line)
         write_text_atomic(self.path, "".join(k + "\n" for k in kept))
         self.file = open(self.path, "a")
 
@@ -119,6 +126,15 @@ class MetricsLog:
             data = f.read()
             f.truncate(data.rfind(b"\n") + 1)
         self.file = open(self.path, "a")
+
+
+def parse_record(line: str) -> dict | None:
+    """The record on a line of metrics.jsonl, or None where the line holds none."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def run_metadata(cfg: TrainConfig, d: Dist, device: torch.device) -> dict:

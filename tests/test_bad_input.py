@@ -401,3 +401,13 @@ def test_metrics_writes_on_a_full_disk_keep_the_run_going_and_lose_nothing(tmp_p
         metrics.log({"type": "train", "step": 3})
     assert [r["step"] for r in read_metrics(tmp_path)] == [0, 1, 2, 3]
     assert capsys.readouterr().out.count("could not write") == 1
+
+
+def test_resuming_drops_a_cut_short_last_line_but_keeps_other_lines_it_cannot_read(tmp_path, capsys):
+    path = tmp_path / "metrics.jsonl"
+    lines = ['{"type": "train", "step": 0}', "a note of mine", '{"type": "train", "step": 1}', '{"type": "tra']
+    path.write_text("\n".join(lines) + "\n")
+    with MetricsLog(tmp_path, train.TrainConfig(), train.Dist()) as metrics:
+        metrics.truncate_from(1)
+    assert path.read_text().splitlines() == lines[:2]
+    assert f"{path}:2 is not a JSON record; left as it is" in capsys.readouterr().out
