@@ -29,6 +29,8 @@ def read_metrics(run_dir: Path) -> tuple[list[tuple[int, float]], list[tuple[int
             record = json.loads(line)
         except ValueError:
             continue  # a line cut short by a crash: the rest still plots
+        if not isinstance(record, dict):
+            continue  # (not a record of ours)
         if record.get("type") == "train" and not record.get("skipped"):
             train.append((record["step"], record["loss"]))
         elif record.get("type") == "eval":

@@ -85,6 +85,14 @@ def test_validation_points_are_drawn_even_without_training_records(drawn_lines, 
     assert [line.get_label() for line in drawn_lines()] == ["run val"]
 
 
+def test_lines_that_are_not_records_are_passed_over(tmp_path):
+    run = write_run(tmp_path / "run", range(3))
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('5\n["a list"]\n{"type": "train", "step": 3, "loss": 4.9}\n{"type": "tra')
+    train, _ = plot.read_metrics(run)
+    assert [step for step, _ in train] == [0, 1, 2, 3]
+
+
 def test_no_run_anywhere_is_an_error_with_a_hint(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert plot.main([]) == 2
