@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -136,3 +137,16 @@ def sha256_check(expected: str) -> Callable[[Path], None]:
             raise ValueError(f"sha256 {got}, expected {expected}: a proxy may have answered instead of the server")
 
     return check
+
+
+def discard_output(stream=None) -> None:
+    """Send a stream (stdout by default), and what is still buffered for it, to /dev/null from
+    now on: its reader has gone (`| head`), and every later write, the flush at exit included,
+    would fail again. A stream without a file descriptor (a test's capture) is left as it is."""
+    stream = stream or sys.stdout
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+    except (AttributeError, OSError, ValueError):
+        pass

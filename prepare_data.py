@@ -86,7 +86,15 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from files import DownloadError, cache_dir, download, sha256_check, write_atomic, write_text_atomic
+from files import (
+    DownloadError,
+    cache_dir,
+    discard_output,
+    download,
+    sha256_check,
+    write_atomic,
+    write_text_atomic,
+)
 from tokenizer import Tokenizer, TokenizerError, get_tokenizer, load_tokenizer
 
 FORMAT_VERSION = 1
@@ -1673,15 +1681,7 @@ def _say(text: str) -> None:
     try:
         print(text)
     except BrokenPipeError:
-        _stop_reporting()
-
-
-def _stop_reporting() -> None:
-    """Send stdout, and what is still buffered for it, nowhere from now on, so that no later
-    print or the flush at exit fails again."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    os.close(devnull)
+        discard_output()
 
 
 def _where_lines(out: Path) -> str:
@@ -1780,7 +1780,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_ERROR
     except BrokenPipeError:  # a line printed by other code than _say (a download's): it stopped the run
-        _stop_reporting()
+        discard_output()
         print("interrupted: stdout was closed; run the same command again to continue", file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
@@ -1795,7 +1795,7 @@ def _flush_report() -> None:
     try:
         sys.stdout.flush()
     except BrokenPipeError:
-        _stop_reporting()
+        discard_output()
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ import torch.distributed as dist
 from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from files import discard_output
+
 # Exit codes shared by every script: a user's mistake is 2, anything else that stops a run is 1.
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG = 0, 1, 2
 # A reader that went away (`| head`) and Ctrl-C: what a shell reports for a process killed by
@@ -76,8 +78,7 @@ def print0(*args, **kwargs) -> None:
     except BrokenPipeError:
         # whatever read the output has gone (`train.py | head`, a closed `less`): the run goes
         # on, its output discarded, rather than dying with its work since the last checkpoint
-        stream = kwargs.get("file") or sys.stdout
-        os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+        discard_output(kwargs.get("file"))
 
 
 def run_command(main: Callable[[], int]) -> int:
@@ -88,7 +89,7 @@ def run_command(main: Callable[[], int]) -> int:
         sys.stdout.flush()  # here, where a reader that has gone is caught, not at the interpreter's exit
         return code
     except BrokenPipeError:
-        _discard_stdout()
+        discard_output()
         return EXIT_BROKEN_PIPE
     except KeyboardInterrupt:
         try:
@@ -96,15 +97,6 @@ def run_command(main: Callable[[], int]) -> int:
         except (OSError, ValueError):
             pass  # stderr gone too: the exit code still says it
         return EXIT_INTERRUPTED
-
-
-def _discard_stdout() -> None:
-    """Point stdout at /dev/null: what is still buffered would fail again, with a traceback-like
-    complaint, when the interpreter flushes stdout at exit."""
-    try:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    except (AttributeError, OSError, ValueError):
-        pass  # a stdout without a file descriptor (a test's capture) has nothing to flush to
 
 
 class PeerStopped(Exception):

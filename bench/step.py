@@ -31,6 +31,7 @@ import argparse
 import dataclasses
 import gc
 import json
+import os
 import statistics
 import sys
 import time
@@ -408,10 +409,14 @@ def check_seq_len(p: argparse.ArgumentParser, seq_len: int, presets: list[str]) 
 
 def check_writable(p: argparse.ArgumentParser, path: str) -> None:
     """--save is opened before any timing: a benchmark that runs for minutes should not fail
-    at the end for a mistyped folder. (Opened to append, the file keeps its rows.)"""
+    at the end for a mistyped folder. (Opened to append, the file keeps its rows; one made by the
+    check goes again until there is a row to write.)"""
+    existed = os.path.exists(path)
     try:
         with open(path, "a"):
             pass
+        if not existed:
+            os.remove(path)
     except OSError as e:
         p.error(f"--save {path}: cannot write there ({e.strerror}). HINT: name a file in an existing folder")
 
